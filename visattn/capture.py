@@ -1,0 +1,236 @@
+"""Exact attention capture, safe to run from many threads on one shared model.
+
+Attention modules ask :func:`current_recorder` whether anyone is watching. Nobody is
+during training and plain inference, so they take the fused SDPA path. Inside
+:func:`capture` a fresh :class:`Recorder` lives in a ``contextvars.ContextVar``: each
+thread (each Streamlit session) sees only its own, so two users capturing on one cached
+model never mix their maps, and the model itself is never left instrumented.
+"""
+from __future__ import annotations
+
+import contextvars
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+#: Attention matrices larger than this (bytes, all heads, whole batch) are not kept;
+#: their rows are computed on demand from Q and K instead.
+DEFAULT_BUDGET_BYTES = 256 * 1024 * 1024
+
+_RECORDER: contextvars.ContextVar["Recorder | None"] = contextvars.ContextVar(
+    "visattn_recorder", default=None
+)
+
+
+@dataclass
+class AttentionSite:
+    """What one self-attention layer saw and did for a batch.
+
+    Shapes: ``q``, ``k`` (B, heads, N, d_k); ``v`` (B, heads, N, d_v);
+    ``weights`` (B, heads, N, N) or ``None`` when over the memory budget.
+    ``prefix`` tokens (CLS, extra) come before the ``grid`` tokens in row-major order.
+    """
+
+    name: str
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    weights: Tensor | None
+    similarity: str  # "dot" or "cosine"
+    scale: float  # 1/sqrt(d_k) for dot, the learned temperature for cosine
+    bias: Tensor | None  # (heads, N, N) additive logit bias (relative positions)
+    grid: tuple[int, int]
+    prefix: int = 0
+    context: Tensor | None = None  # (B, N, C): the attention output after projection
+    inputs: Tensor | None = None  # (B, N, C): what Q, K and V were computed from
+    outputs: Tensor | None = None  # (B, N, C): after the residual add, when the layer has one
+    gate: float = 1.0  # weight of `context` in `outputs = inputs + gate * context`
+    kind: str = "attention"
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[1]
+
+    def logits(self, b: int, query: int) -> Tensor:
+        """Pre-softmax scores of one query against every key: (heads, N)."""
+        q, k = self.q[b, :, query], self.k[b]  # (h, d), (h, N, d)
+        if self.similarity == "cosine":
+            q = torch.nn.functional.normalize(q, dim=-1)
+            k = torch.nn.functional.normalize(k, dim=-1)
+        s = torch.einsum("hd,hnd->hn", q.float(), k.float()) * self.scale
+        if self.bias is not None:
+            s = s + self.bias[:, query].float()
+        return s
+
+    def row(self, b: int, query: int) -> Tensor:
+        """Attention weights of one query over all keys, per head: (heads, N)."""
+        if self.weights is not None:
+            return self.weights[b, :, query]
+        return self.logits(b, query).softmax(-1)
+
+    def full_weights(self, b: int) -> Tensor:
+        """All weights of image ``b``: (heads, N, N), computed on demand if not kept."""
+        if self.weights is not None:
+            return self.weights[b]
+        n = self.q.shape[2]
+        return torch.stack([self.row(b, i) for i in range(n)], dim=1)
+
+
+@dataclass
+class ChannelSite:
+    """Squeeze-and-excitation output: one weight in (0, 1) per channel, (B, C)."""
+
+    name: str
+    weights: Tensor
+    kind: str = "channel"
+
+
+@dataclass
+class SpatialSite:
+    """CBAM spatial attention map in (0, 1): (B, 1, H, W)."""
+
+    name: str
+    map: Tensor
+    kind: str = "spatial"
+
+
+Site = AttentionSite | ChannelSite | SpatialSite
+
+
+@dataclass
+class Trace:
+    """Logits of a forward pass and every attention site it went through, by layer name."""
+
+    logits: Tensor
+    sites: dict[str, Site] = field(default_factory=dict)
+
+    @property
+    def attention(self) -> dict[str, AttentionSite]:
+        return {n: s for n, s in self.sites.items() if isinstance(s, AttentionSite)}
+
+    @property
+    def channel(self) -> dict[str, ChannelSite]:
+        return {n: s for n, s in self.sites.items() if isinstance(s, ChannelSite)}
+
+    @property
+    def spatial(self) -> dict[str, SpatialSite]:
+        return {n: s for n, s in self.sites.items() if isinstance(s, SpatialSite)}
+
+
+class Recorder:
+    """Collects sites during one captured forward pass (one per thread and call)."""
+
+    def __init__(self, names: dict[int, str], budget_bytes: int) -> None:
+        self.names = names
+        self.budget_bytes = budget_bytes
+        self.sites: dict[str, Site] = {}
+
+    def name_of(self, module: nn.Module) -> str:
+        return self.names.get(id(module), f"{type(module).__name__}@{id(module):x}")
+
+    def keep_weights(self, b: int, h: int, n: int) -> bool:
+        return b * h * n * n * 4 <= self.budget_bytes
+
+    def add(self, site: Site) -> None:
+        self.sites[site.name] = site
+
+
+def current_recorder() -> Recorder | None:
+    """The recorder of the capture running in this thread, or ``None``."""
+    return _RECORDER.get()
+
+
+@torch.no_grad()
+def capture(
+    model: nn.Module, images: Tensor, *, budget_bytes: int = DEFAULT_BUDGET_BYTES
+) -> Trace:
+    """Run ``model`` on ``images`` and return its logits with every attention map.
+
+    Thread-safe on a shared model: nothing is attached to the model.
+
+    >>> model = create_model("sa_cnn").eval()
+    >>> trace = capture(model, torch.randn(1, 3, 32, 32))
+    >>> {name: s.weights.shape for name, s in trace.attention.items()}
+    """
+    from visattn.models.tv_vit import make_capturable
+
+    make_capturable(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    rec = Recorder(names, budget_bytes)
+    token = _RECORDER.set(rec)
+    try:
+        logits = model(images)
+    finally:
+        _RECORDER.reset(token)
+    return Trace(logits=logits, sites=rec.sites)
+
+
+def attend(
+    module: nn.Module,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    similarity: str,
+    scale: float | Tensor,
+    bias: Tensor | None,
+    grid: tuple[int, int],
+    prefix: int = 0,
+) -> Tensor:
+    """softmax(sim(Q, K) * scale + bias) V, fused when unobserved, explicit when captured.
+
+    q, k: (B, h, N, d_k); v: (B, h, N, d_v); bias: (h, N, N). Returns (B, h, N, d_v).
+    """
+    if similarity == "cosine":
+        qs, ks = nn.functional.normalize(q, dim=-1), nn.functional.normalize(k, dim=-1)
+    else:
+        qs, ks = q, k
+    rec = current_recorder()
+    b, h, n, _ = q.shape
+    if rec is None or not rec.keep_weights(b, h, n):
+        # SDPA wants a float scale; a learned temperature is folded into q instead.
+        if isinstance(scale, Tensor):
+            qs, s = qs * scale, 1.0
+        else:
+            s = scale
+        attn_mask = None if bias is None else bias.to(qs.dtype).unsqueeze(0)
+        out = nn.functional.scaled_dot_product_attention(qs, ks, v, attn_mask=attn_mask, scale=s)
+        weights = None
+    else:
+        logits = (qs @ ks.transpose(-2, -1)) * scale  # (B, h, N, N)
+        if bias is not None:
+            logits = logits + bias
+        weights = logits.softmax(dim=-1)
+        out = weights @ v  # (B, h, N, d_v)
+    if rec is not None:
+        rec.add(
+            AttentionSite(
+                name=rec.name_of(module), q=q, k=k, v=v, weights=weights,
+                similarity=similarity, scale=float(scale), bias=bias, grid=grid, prefix=prefix,
+            )
+        )
+    return out
+
+
+def record_extras(module: nn.Module, **fields: object) -> None:
+    """Attach block-level tensors (inputs, context, outputs, gate) to the module's site."""
+    rec = current_recorder()
+    if rec is None:
+        return
+    site = rec.sites.get(rec.name_of(module))
+    if isinstance(site, AttentionSite):
+        for key, value in fields.items():
+            setattr(site, key, value)
+
+
+def record_site(site_factory, module: nn.Module, value: Tensor) -> None:
+    """Record a channel or spatial attention output of ``module`` when capturing."""
+    rec = current_recorder()
+    if rec is not None:
+        rec.add(site_factory(rec.name_of(module), value.detach()))
+
+
+def default_scale(d_k: int) -> float:
+    return 1.0 / math.sqrt(d_k)

@@ -1,0 +1,198 @@
+"""Safe image loading (any input -> RGB or ImageError) and model preprocessing."""
+from __future__ import annotations
+
+import io
+import os
+import re
+import warnings
+import zlib
+from typing import BinaryIO, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from visattn.errors import ImageError
+
+MAX_PIXELS: int = 4096 * 4096
+MAX_BYTES: int = 20 * 1024 * 1024
+# Decoders we trust with untrusted uploads (no EPS/Ghostscript, no exotic plugins).
+FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "GIF", "WEBP", "TIFF", "BMP", "ICO", "PPM", "AVIF")
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def _too_many_pixels(w: int, h: int, max_pixels: int) -> ImageError:
+    return ImageError(f"image is {w}×{h} = {w * h / 1e6:.1f} MP; the limit is {max_pixels / 1e6:.1f} MP")
+
+
+def _read_source(source: str | os.PathLike | bytes | BinaryIO, max_bytes: int) -> bytes:
+    """Return the raw bytes of `source`, refusing more than `max_bytes` before reading it all."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) > max_bytes:
+            raise ImageError(f"file is {_mb(len(source))}; the limit is {_mb(max_bytes)}")
+        return bytes(source)
+    if isinstance(source, (str, os.PathLike)):
+        name = os.path.basename(os.fsdecode(source))[:80].encode("unicode_escape").decode("ascii")
+        try:
+            size = os.path.getsize(source)
+            if size > max_bytes:
+                raise ImageError(f"file is {_mb(size)}; the limit is {_mb(max_bytes)}")
+            with open(source, "rb") as f:
+                data = f.read(max_bytes + 1)
+        except FileNotFoundError:
+            raise ImageError(f"file not found: {name}") from None
+        except OSError as e:
+            raise ImageError(f"cannot read file {name}: {type(e).__name__}") from e
+    elif hasattr(source, "read"):
+        try:
+            data = source.read(max_bytes + 1)
+        except Exception as e:
+            raise ImageError(f"cannot read the upload: {type(e).__name__}") from e
+        if not isinstance(data, (bytes, bytearray)):
+            raise ImageError("cannot read the upload: open the file in binary mode")
+    else:
+        raise TypeError(f"load_image expects a path, bytes or a binary file, not {type(source).__name__}")
+    if len(data) > max_bytes:
+        raise ImageError(f"file is larger than the {_mb(max_bytes)} limit")
+    return bytes(data)
+
+
+def _sniff(data: bytes) -> None:
+    """Refuse empty, SVG, HTML and PNGs with a bad chunk checksum, with a clear message."""
+    if not data:
+        raise ImageError("not an image: the file is empty")
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(b"<?xml") or b"<svg" in head:
+        raise ImageError("SVG is not supported: upload a PNG or JPEG")
+    if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head[:256]:
+        raise ImageError("not an image: this looks like an HTML page")
+    if data.startswith(_PNG_SIG):  # Pillow skips IDAT checksums; verify every chunk we can
+        pos, kind = len(_PNG_SIG), b""
+        while kind != b"IEND":
+            end = pos + 8 + int.from_bytes(data[pos:pos + 4], "big")
+            if end + 4 > len(data):
+                raise ImageError("image is truncated or corrupt (the PNG data ends early)")
+            kind = data[pos + 4:pos + 8]
+            if zlib.crc32(data[pos + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
+                raise ImageError("image is truncated or corrupt (PNG checksum mismatch)")
+            pos = end + 4
+
+
+def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Convert any Pillow mode to RGB: stretch high bit depths, composite alpha onto `background`."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi <= 65535):
+            a = a / 257.0
+        elif mode == "F" and lo >= 0 and hi <= 1:
+            a = a * 255.0
+        elif not (lo >= 0 and hi <= 255):
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode not in ("RGBA", "RGBa", "LA", "La", "PA", "P") and "transparency" not in img.info:
+        return img.convert("RGB")
+    rgba = img.convert("RGBA")
+    base = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(base, rgba).convert("RGB")
+
+
+def load_image(
+    source: str | os.PathLike | bytes | BinaryIO,
+    *,
+    max_pixels: int = MAX_PIXELS,
+    max_bytes: int = MAX_BYTES,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> Image.Image:
+    """Load the first frame of an image as upright RGB; anything unusable raises ImageError.
+
+    Size limits are checked before decoding (bytes from the file size, pixels from the header).
+
+    >>> import io; buf = io.BytesIO(); Image.new("LA", (4, 2)).save(buf, "PNG")
+    >>> img = load_image(buf.getvalue()); img.mode, img.size
+    ('RGB', (4, 2))
+    """
+    background = tuple(int(c) for c in background)  # type: ignore[assignment]
+    if len(background) != 3 or not all(0 <= c <= 255 for c in background):
+        raise ValueError(f"background must be three ints in 0..255, got {background!r}")
+    data = _read_source(source, max_bytes)
+    _sniff(data)
+    Image.init()
+    formats = [f for f in FORMATS if f in Image.OPEN]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's notes on damaged metadata are not the caller's concern
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data), formats=formats)  # lazy: reads the header only
+        except Image.UnidentifiedImageError:
+            raise ImageError("not an image: unrecognised or unsupported file format") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            m = re.search(r"\((\d+) pixels\)", str(e))
+            got = f"{int(m.group(1)) / 1e6:.1f} MP" if m else "too large"
+            raise ImageError(f"image is {got}; the limit is {max_pixels / 1e6:.1f} MP") from e
+        except Exception as e:
+            raise ImageError(f"image is truncated or corrupt ({type(e).__name__})") from e
+        try:
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise ImageError(f"image has an empty size ({w}×{h})")
+            if w * h > max_pixels:
+                raise _too_many_pixels(w, h, max_pixels)
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            out = _to_rgb(img, background)
+            out.load()
+        except ImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageError(f"image frame is too large; the limit is {max_pixels / 1e6:.1f} MP") from e
+        except MemoryError as e:
+            raise ImageError("image is too large to decode in the available memory") from e
+        except Exception as e:
+            raise ImageError(f"image is truncated or corrupt ({type(e).__name__})") from e
+    if out.width <= 0 or out.height <= 0 or out.width * out.height > max_pixels:
+        raise _too_many_pixels(out.width, out.height, max_pixels)
+    return out
+
+
+def _square(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size` and center-crop to size×size (one bicubic, antialiased pass)."""
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    w, h = img.size
+    s = min(w, h)
+    box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)  # the crop, in source pixels
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+
+
+def image_to_uint8_array(img: Image.Image, size: int) -> np.ndarray:
+    """Resize/crop like image_to_tensor, for display: (size, size, 3) uint8.
+
+    >>> image_to_uint8_array(Image.new("RGB", (30, 20), (9, 8, 7)), 16)[0, 0].tolist()
+    [9, 8, 7]
+    """
+    return np.asarray(_square(img, size), dtype=np.uint8).copy()
+
+
+def image_to_tensor(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Resize/crop to size×size and normalise per channel: float32 tensor (3, size, size).
+
+    >>> t = image_to_tensor(Image.new("RGB", (30, 20), (255, 0, 0)), 8, (0.5,) * 3, (0.5,) * 3)
+    >>> tuple(t.shape), t[:, 0, 0].tolist()
+    ((3, 8, 8), [1.0, -1.0, -1.0])
+    """
+    if len(mean) != 3 or len(std) != 3 or any(s == 0 for s in std):
+        raise ValueError("mean and std need three values each, std non-zero")
+    x = torch.from_numpy(image_to_uint8_array(img, size)).permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    sd = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return ((x - m) / sd).contiguous()
