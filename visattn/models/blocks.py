@@ -21,12 +21,13 @@ class WhiteningStem(nn.Module):
     """A fixed 2×2 patch-whitening convolution (±eigenvectors) then GELU.
 
     Its weights come from the training images (:meth:`fit`); only the bias learns.
+    Padding 1 makes a 32×32 input 33×33, so the stages below pool to 16, 8 and 4.
     """
 
     def __init__(self, in_chans: int = 3, kernel: int = 2) -> None:
         super().__init__()
         d = in_chans * kernel * kernel
-        self.conv = nn.Conv2d(in_chans, 2 * d, kernel, padding=0, bias=True)
+        self.conv = nn.Conv2d(in_chans, 2 * d, kernel, padding=1, bias=True)
         self.conv.weight.requires_grad_(False)
         self.act = nn.GELU()
         self.out_channels = 2 * d

@@ -14,8 +14,8 @@ from visattn.models.registry import register_model
 class SACNNConfig:
     num_classes: int = 10
     image_size: int = 32  # input side; fixes the grids of learned/relative encodings
-    widths: tuple[int, ...] = (64, 192, 256)  # channels of each conv stage (each halves H, W)
-    attn_stages: tuple[int, ...] = (0, 1)  # stages followed by attention blocks
+    widths: tuple[int, ...] = (32, 128, 256)  # channels of each conv stage (each halves H, W)
+    attn_stages: tuple[int, ...] = (1,)  # stages followed by attention blocks
     depth: int = 1  # attention blocks after each of those stages
     heads: int = 4
     similarity: str = "dot"  # "dot" (÷√d_k) or "cosine" (learned temperature)
@@ -27,7 +27,7 @@ class SACNN(nn.Module):
     def __init__(self, cfg: SACNNConfig) -> None:
         super().__init__()
         self.stem = WhiteningStem()
-        side = cfg.image_size - 1  # the 2×2 whitening conv has no padding
+        side = cfg.image_size + 1  # the 2×2 whitening conv with padding 1
         stages, c_in = [], self.stem.out_channels
         for i, width in enumerate(cfg.widths):
             side //= 2

@@ -1,0 +1,33 @@
+"""Shared fixtures: small configs so every registered model runs fast on CPU."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("VISATTN_DATA", ROOT.parent / "shared" / "datasets" / "cifar10"))
+DEFAULT_CKPT = ROOT / "checkpoints" / "sa_cnn.safetensors"
+
+
+def small_config(name: str) -> tuple[dict, int]:
+    """(config overrides, input side) that keep a registered model small."""
+    if name.startswith("vit_"):
+        patch = 14 if name.endswith("14") else int(name.rsplit("_", 1)[1])
+        return {"image_size": patch * 3, "num_classes": 10}, patch * 3
+    return {
+        "sa_cnn": {"widths": (8, 16, 16), "heads": 2, "attn_stages": (0, 1)},
+        "hybrid_vit": {"embed_dim": 32, "depth": 2, "heads": 2},
+        "cbam_cnn": {"stem_width": 8, "widths": (8, 16, 16)},
+    }.get(name, {}), 32
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def needs_data() -> pytest.MarkDecorator:
+    return pytest.mark.skipif(not (DATA / "test").is_dir(), reason=f"CIFAR-10 not found at {DATA}")

@@ -1,0 +1,127 @@
+"""Every registered model: capture is exact, leaves logits alone, and its rows are distributions."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import small_config
+from visattn import AttentionSite, ChannelSite, SpatialSite, capture, create_model, list_models
+
+VARIANTS = [(name, {}) for name in list_models()] + [
+    ("sa_cnn", {"similarity": "cosine"}),
+    ("sa_cnn", {"pos_encoding": "relative"}),
+    ("sa_cnn", {"pos_encoding": "learned", "similarity": "cosine"}),
+    ("sa_cnn", {"pos_encoding": "none", "depth": 2}),
+    ("hybrid_vit", {"cls_token": True}),
+]
+
+
+def build(name: str, extra: dict) -> tuple[torch.nn.Module, torch.Tensor]:
+    cfg, side = small_config(name)
+    model = create_model(name, **{**cfg, **extra}).eval()
+    for m in model.modules():  # non-trivial gates and temperatures, so the checks bite
+        if hasattr(m, "gate"):
+            torch.nn.init.constant_(m.gate, 0.7)
+        if hasattr(m, "log_temperature"):
+            torch.nn.init.constant_(m.log_temperature, math.log(7.0))
+    return model, torch.randn(2, 3, side, side)
+
+
+def recompute(site: AttentionSite) -> torch.Tensor:
+    """softmax(QKᵀ/√d_k + bias), or softmax(τ·cos(Q, K) + bias), from the captured Q and K."""
+    q, k = site.q.double(), site.k.double()
+    if site.similarity == "cosine":
+        q = q / q.norm(dim=-1, keepdim=True)
+        k = k / k.norm(dim=-1, keepdim=True)
+        scores = q @ k.transpose(-2, -1) * site.scale
+    else:
+        assert site.scale == pytest.approx(1 / math.sqrt(q.shape[-1]))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if site.bias is not None:
+        scores = scores + site.bias.double()
+    return scores.softmax(-1)
+
+
+@pytest.mark.parametrize("name,extra", VARIANTS, ids=[f"{n}{'-' + '-'.join(map(str, e.values())) if e else ''}" for n, e in VARIANTS])
+def test_capture_is_exact(name: str, extra: dict) -> None:
+    model, x = build(name, extra)
+    with torch.no_grad():
+        plain = model(x)
+    trace = capture(model, x)
+    torch.testing.assert_close(trace.logits, plain, atol=1e-5, rtol=1e-5)
+    for site in trace.attention.values():
+        b, h, n, _ = site.q.shape
+        assert site.weights.shape == (b, h, n, n)
+        assert n == site.prefix + site.grid[0] * site.grid[1]
+        torch.testing.assert_close(site.weights.double(), recompute(site), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(site.weights.sum(-1), torch.ones(b, h, n), atol=1e-5, rtol=0)
+        assert (site.weights >= 0).all()
+    for site in trace.channel.values():
+        assert isinstance(site, ChannelSite) and ((site.weights > 0) & (site.weights < 1)).all()
+    for site in trace.spatial.values():
+        assert isinstance(site, SpatialSite) and site.map.shape[1] == 1
+
+
+def test_every_attention_family_is_seen() -> None:
+    """The families with attention expose it (an empty trace would pass the test above)."""
+    expected = {"sa_cnn": AttentionSite, "hybrid_vit": AttentionSite, "vit_b_16": AttentionSite,
+                "cbam_cnn": SpatialSite, "seed_cnn": None}
+    for name, kind in expected.items():
+        model, x = build(name, {})
+        sites = capture(model, x).sites.values()
+        assert (kind is None) == (not sites)
+        if kind:
+            assert any(isinstance(s, kind) for s in sites)
+    cbam = capture(*build("cbam_cnn", {}))
+    assert len(cbam.channel) == 3 and len(cbam.spatial) == 3
+
+
+@pytest.mark.parametrize("extra", [{}, {"similarity": "cosine", "pos_encoding": "relative"}])
+def test_fused_and_explicit_paths_agree(extra: dict) -> None:
+    """The training path (SDPA) and the captured path (explicit weights) give one output,
+    also when the over-budget fallback (SDPA plus on-demand rows) is taken."""
+    model, x = build("sa_cnn", extra)
+    with torch.no_grad():
+        plain = model(x)
+    explicit = capture(model, x)
+    fallback = capture(model, x, budget_bytes=0)
+    torch.testing.assert_close(explicit.logits, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fallback.logits, plain, atol=1e-5, rtol=1e-5)
+    for name, site in fallback.attention.items():
+        assert site.weights is None
+        full = explicit.attention[name].weights
+        for query in (0, site.q.shape[2] // 2, site.q.shape[2] - 1):
+            torch.testing.assert_close(site.row(1, query), full[1, :, query], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(site.full_weights(0), full[0], atol=1e-6, rtol=1e-5)
+
+
+def test_torchvision_vit_weights_without_need_weights() -> None:
+    """torchvision calls MultiheadAttention with need_weights=False; capture still sees every head."""
+    model = create_model("vit_b_16", image_size=32, num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    trace = capture(model, x)
+    assert len(trace.attention) == 12
+    site = trace.attention["encoder.layers.encoder_layer_0.self_attention"]
+    assert site.weights.shape == (1, 12, 5, 5) and site.prefix == 1 and site.grid == (2, 2)
+    # the captured context equals what the untouched module returns
+    mha = torch.nn.MultiheadAttention(768, 12, batch_first=True)
+    mha.load_state_dict(model.encoder.layers[0].self_attention.state_dict())
+    with torch.no_grad():
+        ref, ref_w = mha(site.inputs, site.inputs, site.inputs, need_weights=True, average_attn_weights=False)
+    torch.testing.assert_close(site.context, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(site.weights, ref_w, atol=1e-6, rtol=1e-5)
+
+
+def test_residual_gate_is_recorded() -> None:
+    model, x = build("sa_cnn", {})
+    for site in capture(model, x).attention.values():
+        torch.testing.assert_close(site.outputs, site.inputs + site.gate * site.context)
+        assert site.gate == pytest.approx(0.7)
+
+
+def test_model_is_left_uninstrumented() -> None:
+    model, x = build("sa_cnn", {})
+    capture(model, x)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

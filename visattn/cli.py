@@ -1,0 +1,202 @@
+"""The ``visattn`` command line: train, eval, predict, explain, faithfulness, models."""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from visattn.errors import VisattnError
+
+CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["heads=8", "widths=(32,64,128)", "similarity=cosine"]`` -> a config dict."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise VisattnError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from visattn.train import TrainConfig, train
+
+    overrides = parse_overrides(a.set)
+    fields = TrainConfig.__dataclass_fields__
+    train_kw = {k: v for k, v in vars(a).items() if k in fields and v is not None}
+    meta = train(TrainConfig(model_config=overrides, **train_kw), resume=a.resume)
+    if meta:
+        print(f"saved {a.out}: test accuracy {meta['accuracy']:.4f} after {meta['epochs']} epochs")
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from visattn.checkpoint import read_metadata
+    from visattn.models import list_models
+
+    rows = []
+    for path in sorted(CHECKPOINT_DIR.glob("*.safetensors")):
+        if path.name.endswith(".state.safetensors"):
+            continue
+        meta = read_metadata(path)
+        rows.append({"checkpoint": str(path), "model": meta["model"], "accuracy": meta.get("accuracy"),
+                     "params": meta.get("params"), "epochs": meta.get("epochs")})
+    if a.json:
+        print(json.dumps({"registry": list_models(), "checkpoints": rows}, indent=2))
+        return 0
+    print("registered models:", ", ".join(list_models()))
+    for r in rows:
+        print(f"  {r['checkpoint']}: {r['model']}, {r['accuracy']:.2%} top-1, {r['params']:,} params, {r['epochs']} epochs")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    import torch
+
+    from visattn.checkpoint import load_checkpoint
+    from visattn.data import load_split
+    from visattn.train import predict_logits
+
+    model, meta = load_checkpoint(a.checkpoint)
+    split = load_split(a.data, "test", cache=a.cache)
+    if a.n:
+        split = split.subset(a.n)
+    pred = predict_logits(model, split.images, meta["mean"], meta["std"], tta=a.tta).argmax(1)
+    k = len(split.classes)
+    confusion = torch.zeros(k, k, dtype=torch.int64)
+    confusion.index_put_((split.labels, pred), torch.ones_like(pred), accumulate=True)
+    per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+    result = {"checkpoint": str(a.checkpoint), "images": len(split), "accuracy": (pred == split.labels).float().mean().item(),
+              "per_class": dict(zip(split.classes, per_class)), "confusion": confusion.tolist(), "tta": a.tta}
+    if a.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{a.checkpoint}: top-1 {result['accuracy']:.2%} on {len(split)} test images")
+        for c, acc in result["per_class"].items():
+            print(f"  {c:12s} {acc:.2%}")
+        print("confusion (rows: true, columns: predicted):")
+        for c, row in zip(split.classes, confusion.tolist()):
+            print(f"  {c[:10]:10s} " + " ".join(f"{v:4d}" for v in row))
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from visattn.checkpoint import load_checkpoint
+    from visattn.inference import predict_image
+
+    model, meta = load_checkpoint(a.checkpoint)
+    failed, results = 0, []
+    for path in a.images:
+        try:
+            top = predict_image(model, meta, Path(path).read_bytes() if Path(path).is_file() else path, k=a.k)
+        except (VisattnError, OSError) as e:
+            print(f"{path}: {e}".splitlines()[0], file=sys.stderr)
+            failed += 1
+            continue
+        results.append({"image": path, "top": top})
+        if not a.json:
+            print(f"{path}: " + ", ".join(f"{c} {p:.1%}" for c, p in top))
+    if a.json:
+        print(json.dumps(results, indent=2))
+    return 1 if failed else 0
+
+
+def cmd_explain(a: argparse.Namespace) -> int:
+    from visattn.checkpoint import load_checkpoint
+    from visattn.inference import write_explanation
+
+    model, meta = load_checkpoint(a.checkpoint)
+    for f in write_explanation(model, meta, a.image, Path(a.out)):
+        print(f)
+    return 0
+
+
+def cmd_faithfulness(a: argparse.Namespace) -> int:
+    from visattn.checkpoint import load_checkpoint
+    from visattn.data import load_split, normalise
+    from visattn.faithfulness import evaluate_methods, markdown_table
+
+    model, meta = load_checkpoint(a.checkpoint)
+    split = load_split(a.data, "test", cache=a.cache).subset(a.n)
+    images = normalise(split.images, meta["mean"], meta["std"])
+    results = evaluate_methods(model, images, split.labels, steps=a.steps)
+    print(json.dumps(results, indent=2) if a.json else markdown_table(results))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="visattn", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (see visattn/train.py for examples)")
+    t.add_argument("--model", default="sa_cnn")
+    t.add_argument("--data", default="../shared/datasets/cifar10", help="folder with train/ and test/, or 'cifar10' to download")
+    t.add_argument("--out", required=True)
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override, repeatable")
+    t.add_argument("--resume", action="store_true", help="continue from OUT's .state.safetensors")
+    for name, typ in [("epochs", int), ("batch-size", int), ("lr", float), ("weight-decay", float), ("label-smoothing", float),
+                      ("cutout", int), ("subset", int), ("eval-subset", int), ("seed", int), ("cache", str), ("stop-after", int)]:
+        t.add_argument(f"--{name}", type=typ)
+    t.add_argument("--compile", action="store_true", default=None)
+    t.set_defaults(func=cmd_train)
+
+    m = sub.add_parser("models", help="the registry and the shipped checkpoints")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    e = sub.add_parser("eval", help="top-1, per-class accuracy and confusion matrix on the test split")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", default="../shared/datasets/cifar10")
+    e.add_argument("--n", type=int, default=0, help="evaluate on a fixed sample of N test images")
+    e.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    e.add_argument("--cache")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="top-k classes for each image")
+    pr.add_argument("checkpoint")
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("-k", type=int, default=5)
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser("explain", help="PNG overlays of every layer and head, rollout, and an .npz of raw maps")
+    x.add_argument("checkpoint")
+    x.add_argument("image")
+    x.add_argument("--out", required=True)
+    x.set_defaults(func=cmd_explain)
+
+    f = sub.add_parser("faithfulness", help="deletion/insertion AUC per explanation method")
+    f.add_argument("checkpoint")
+    f.add_argument("--data", default="../shared/datasets/cifar10")
+    f.add_argument("--n", type=int, default=500)
+    f.add_argument("--steps", type=int, default=16)
+    f.add_argument("--cache")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=cmd_faithfulness)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VisattnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Attribution maps beside the attention maps: Grad-CAM, integrated gradients, saliency,
+occlusion (captum), raw attention and rollout. Each method takes one image (1, 3, H, W)
+and returns an :class:`Explanation`: a non-negative float32 (H, W) map at input
+resolution, raw scale (``visattn.maps.normalise`` it for display).
+
+Concurrency: gradient methods hold a lock per model (:func:`model_lock`), so two threads
+never interleave hooks on one shared model; Grad-CAM's hooks go on a private view (new
+module objects sharing the parameters and buffers), so plain forwards and captures from
+other threads never meet them. Nothing calls ``model.train()``: gradients are taken under
+``torch.enable_grad`` with respect to a copy of the input only (no parameter ``.grad``),
+and the ``training`` / ``requires_grad`` flags are restored on the way out.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion, Saliency
+from torch import Tensor, nn
+
+from visattn.capture import AttentionSite, Trace, capture
+from visattn.errors import VisattnError
+
+METHOD_NAMES = ("attention", "rollout", "grad_cam", "integrated_gradients", "saliency", "occlusion")
+_CAM_NAME = re.compile(r"stem|tokenizer|conv_proj|stages\.\d+(\.\d+)?|blocks\.\d+|encoder\.layers\.[^.]+")
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+class ExplainError(VisattnError, ValueError):
+    """An explanation that cannot be computed (unknown layer, no layer to hook)."""
+
+
+@dataclass
+class Explanation:
+    """One attribution map: ``map`` is (H, W) float32, non-negative, at input resolution."""
+
+    name: str
+    map: np.ndarray
+    target: int
+    seconds: float
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The re-entrant lock that gradient methods hold on ``model`` while they run."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(model, threading.RLock())
+
+
+@contextlib.contextmanager
+def _gradient_session(model: nn.Module) -> Iterator[None]:
+    """Hold the model's lock with gradients on; restore training/requires_grad flags after."""
+    with model_lock(model):
+        modes = [(m, m.training) for m in model.modules()]
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        try:
+            with torch.enable_grad():
+                yield
+        finally:
+            for m, training in modes:
+                m.training = training
+            for p, requires_grad in flags:
+                if p.requires_grad != requires_grad:
+                    p.requires_grad_(requires_grad)
+
+
+def _prepare(model: nn.Module, image: Tensor) -> Tensor:
+    """A detached float copy of ``image`` as (1, 3, H, W) on the model's device."""
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ExplainError(f"expected one image (1, C, H, W), got shape {tuple(image.shape)}")
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else image.device
+    return image.detach().to(device=device, dtype=torch.float32).clone().requires_grad_()
+
+
+def _target(model: nn.Module, x: Tensor, target: int | None) -> int:
+    if target is not None:
+        return int(target)
+    with torch.no_grad():
+        return int(model(x).argmax(dim=1)[0])
+
+
+def _explanation(name: str, attr: Tensor, target: int, t0: float) -> Explanation:
+    """Wrap a (H, W) tensor as a finite, non-negative float32 map."""
+    m = torch.nan_to_num(attr.detach().float().clamp(min=0)).cpu().numpy().astype(np.float32)
+    return Explanation(name=name, map=m, target=target, seconds=max(time.perf_counter() - t0, 1e-9))
+
+
+def list_cam_layers(model: nn.Module) -> list[str]:
+    """Names of modules Grad-CAM can explain: stem/tokenizer, conv stages and their blocks,
+    transformer blocks / encoder layers, and top-level convolutions, in forward order.
+
+    >>> list_cam_layers(create_model("sa_cnn"))
+    ['stem', 'stages.0', 'stages.0.0', 'stages.1', 'stages.1.0', 'stages.1.1', 'stages.2', 'stages.2.0']
+    """
+    return [
+        name for name, m in model.named_modules()
+        if name and (_CAM_NAME.fullmatch(name) or ("." not in name and isinstance(m, nn.Conv2d)))
+    ]
+
+
+def default_cam_layer(model: nn.Module) -> str:
+    """The layer Grad-CAM uses by default: the last stage for models with ``.stages``,
+    else the tokenizer output (hybrid_vit), else the last ``nn.Conv2d`` (ViT patch
+    embedding, seed_cnn).
+
+    >>> default_cam_layer(create_model("sa_cnn")), default_cam_layer(create_model("hybrid_vit"))
+    ('stages.2', 'tokenizer')
+    """
+    if isinstance(getattr(model, "stages", None), nn.Sequential) and len(model.stages):
+        return f"stages.{len(model.stages) - 1}"
+    if isinstance(getattr(model, "tokenizer", None), nn.Module):
+        return "tokenizer"
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ExplainError(f"{type(model).__name__} has no convolution or stage for Grad-CAM")
+    return convs[-1]
+
+
+class _GridProbe(nn.Module):
+    """Runs ``layer`` with ``probe`` (an Identity that Grad-CAM hooks) on a (B, C, H, W) map:
+    a conv layer's output, or the grid of the tokens (B, N, C) entering a transformer block
+    (its own output tokens never reach a CLS head in the last block)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer, self.probe = layer, nn.Identity()
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if x.dim() != 3:
+            return self.probe(self.layer(x, *args, **kwargs))
+        from visattn.models.tv_vit import _grid_of
+
+        b, n, c = x.shape
+        (h, w), p = _grid_of(n)
+        grid = self.probe(x[:, p:].transpose(1, 2).reshape(b, c, h, w))
+        return self.layer(torch.cat([x[:, :p], grid.flatten(2).transpose(1, 2)], dim=1), *args, **kwargs)
+
+
+def _probed_view(model: nn.Module, layer_name: str) -> tuple[nn.Module, nn.Module]:
+    """A private copy of ``model``'s module tree sharing its parameters and buffers, with
+    the named layer wrapped in a :class:`_GridProbe`; returns (view, probe)."""
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    view = copy.deepcopy(model, memo=shared)
+    parent_name, _, leaf = layer_name.rpartition(".")
+    parent = view.get_submodule(parent_name)
+    wrapper = _GridProbe(parent._modules[leaf])
+    parent._modules[leaf] = wrapper
+    return view, wrapper.probe
+
+
+def _layer_name(model: nn.Module, layer: nn.Module | str | None) -> str:
+    if layer is None:
+        return default_cam_layer(model)
+    names = {m: n for n, m in model.named_modules() if n}
+    name = layer if isinstance(layer, str) else names.get(layer)
+    if name not in names.values():
+        label = layer if isinstance(layer, str) else type(layer).__name__
+        raise ExplainError(f"no layer {label!r} inside the model; try one of {list_cam_layers(model)}")
+    return name
+
+
+def _gradient_method(name: str, model: nn.Module, image: Tensor, target: int | None,
+                     attribute: Callable[[Tensor, int], Tensor],
+                     reduce: Callable[[Tensor], Tensor]) -> Explanation:
+    """Run a captum ``attribute(x, target)`` under the model's gradient session and
+    ``reduce`` its (C, H, W) attribution to the (H, W) map."""
+    t0, x = time.perf_counter(), _prepare(model, image)
+    with _gradient_session(model):
+        target = _target(model, x, target)
+        attr = attribute(x, target)
+    return _explanation(name, reduce(attr[0]), target, t0)
+
+
+def grad_cam(model: nn.Module, image: Tensor, target: int | None = None,
+             layer: nn.Module | str | None = None) -> Explanation:
+    """Grad-CAM (Selvaraju et al. 2017): captum ``LayerGradCam``, ReLU, bilinear upsampling.
+
+    Args:
+        model: a classifier (in eval mode). image: (1, 3, H, W).
+        target: the class explained; None: the predicted class.
+        layer: a module or a name from :func:`list_cam_layers`; None: :func:`default_cam_layer`.
+            A transformer block is explained by the grid tokens entering it.
+
+    >>> grad_cam(model, image, target=3, layer="stages.1").map.shape
+    (32, 32)
+    """
+    name = _layer_name(model, layer)
+
+    def attribute(x: Tensor, t: int) -> Tensor:
+        attr = LayerGradCam(*_probed_view(model, name)).attribute(x, target=t, relu_attributions=True)
+        return LayerAttribution.interpolate(attr, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+
+    return _gradient_method("grad_cam", model, image, target, attribute, lambda a: a.sum(0))
+
+
+def integrated_gradients(model: nn.Module, image: Tensor, target: int | None = None, steps: int = 50,
+                         internal_batch_size: int = 25, baseline: Tensor | None = None) -> Explanation:
+    """Integrated gradients (Sundararajan et al. 2017); map = |attribution| summed over channels.
+
+    Args:
+        model, image, target: as for :func:`grad_cam`. steps: points on the path.
+        internal_batch_size: path points per forward. baseline: (1, 3, H, W); None: black.
+
+    >>> integrated_gradients(model, image, target=3, steps=32).map.min() >= 0
+    True
+    """
+    def attribute(x: Tensor, t: int) -> Tensor:
+        base = torch.zeros_like(x) if baseline is None else baseline.to(x).expand_as(x)
+        return IntegratedGradients(model).attribute(
+            x, baselines=base, target=t, n_steps=steps, internal_batch_size=internal_batch_size)
+
+    return _gradient_method("integrated_gradients", model, image, target, attribute, lambda a: a.abs().sum(0))
+
+
+def saliency(model: nn.Module, image: Tensor, target: int | None = None) -> Explanation:
+    """Gradient saliency (Simonyan et al. 2014): max over channels of |d logit / d pixel|.
+
+    Args:
+        model, image, target: as for :func:`grad_cam`.
+
+    >>> saliency(model, image, target=3).map.shape
+    (32, 32)
+    """
+    return _gradient_method("saliency", model, image, target,
+                            lambda x, t: Saliency(model).attribute(x, target=t, abs=True), lambda a: a.amax(0))
+
+
+def occlusion(model: nn.Module, image: Tensor, target: int | None = None, window: int = 4,
+              stride: int = 2, perturbations_per_eval: int = 64) -> Explanation:
+    """Occlusion (Zeiler & Fergus 2014): the drop of the target logit when a zero
+    (3, window, window) patch covers each pixel, ReLU'd. Batched, without gradients:
+    about ((H - window) / stride + 1)² / perturbations_per_eval forwards.
+
+    Args:
+        model, image, target: as for :func:`grad_cam`. window, stride: patch side and step.
+        perturbations_per_eval: occluded copies per forward.
+
+    >>> occlusion(model, image, target=3, window=8, stride=4).map.shape
+    (32, 32)
+    """
+    def attribute(x: Tensor, t: int) -> Tensor:
+        c = x.shape[1]
+        return Occlusion(model).attribute(
+            x, sliding_window_shapes=(c, window, window), strides=(c, stride, stride), target=t,
+            baselines=0.0, perturbations_per_eval=perturbations_per_eval)
+
+    return _gradient_method("occlusion", model, image, target, attribute, lambda a: a.mean(0))
+
+
+def _from_trace(name: str, model: nn.Module, image: Tensor, target: int | None,
+                map_of: Callable[[Trace, list[AttentionSite]], np.ndarray]) -> Explanation | None:
+    """Capture once, build a token-grid map from the attention sites, upsample it."""
+    from visattn.maps import upsample
+
+    t0, x = time.perf_counter(), _prepare(model, image).detach()
+    trace = capture(model, x)
+    sites = list(trace.attention.values())
+    if not sites:
+        return None
+    m = upsample(np.asarray(map_of(trace, sites), dtype=np.float32), tuple(x.shape[-2:]))
+    target = int(trace.logits.argmax(1)[0]) if target is None else int(target)
+    return _explanation(name, torch.as_tensor(m), target, t0)
+
+
+def _received(trace: Trace, sites: list[AttentionSite]) -> np.ndarray:
+    site, p = sites[-1], sites[-1].prefix
+    return site.full_weights(0)[:, p:, p:].float().mean(dim=(0, 1)).reshape(site.grid).cpu().numpy()
+
+
+def attention_map(model: nn.Module, image: Tensor, target: int | None = None) -> Explanation | None:
+    """Attention received by each grid token at the last attention site: weights averaged
+    over heads and over grid queries, upsampled. None if the model has no attention site.
+
+    >>> attention_map(create_model("sa_cnn").eval(), torch.rand(1, 3, 32, 32)).map.shape
+    (32, 32)
+    """
+    return _from_trace("attention", model, image, target, _received)
+
+
+def rollout(model: nn.Module, image: Tensor, target: int | None = None,
+            head_fusion: str = "mean") -> Explanation | None:
+    """Attention rollout (Abnar & Zuidema 2020) via ``visattn.maps.rollout_map``, upsampled.
+    ``head_fusion``: "mean", "max" or "min". None if the model has no attention site.
+
+    >>> rollout(create_model("hybrid_vit").eval(), torch.rand(1, 3, 32, 32), head_fusion="max").name
+    'rollout'
+    """
+    from visattn.maps import rollout_map
+
+    return _from_trace("rollout", model, image, target, lambda trace, sites: rollout_map(sites, 0, head_fusion))
+
+
+METHODS: dict[str, Callable[..., Explanation | None]] = {
+    "attention": attention_map, "rollout": rollout, "grad_cam": grad_cam,
+    "integrated_gradients": integrated_gradients, "saliency": saliency, "occlusion": occlusion,
+}
+
+
+def explain_all(model: nn.Module, image: Tensor, target: int | None = None,
+                methods: tuple[str, ...] = METHOD_NAMES) -> dict[str, Explanation]:
+    """Run several methods on one image for one target (None: the predicted class).
+    Methods that do not apply (attention maps of a model without attention) are left out.
+
+    >>> sorted(explain_all(model, image, methods=("saliency", "grad_cam")))
+    ['grad_cam', 'saliency']
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ExplainError(f"unknown methods {unknown}; known: {list(METHODS)}")
+    target = _target(model, _prepare(model, image), target)
+    results = {name: METHODS[name](model, image, target) for name in methods}
+    return {name: e for name, e in results.items() if e is not None}

@@ -1,0 +1,259 @@
+"""Training: a fast CIFAR-style recipe for the registered models.
+
+Examples:
+    visattn train --model sa_cnn --data ../shared/datasets/cifar10 --epochs 10 \
+        --out checkpoints/sa_cnn.safetensors
+    visattn train --model sa_cnn --set heads=8 --set similarity=cosine --epochs 2 --out runs/x.safetensors
+    visattn train ... --resume            # continue after a kill, from the last epoch saved
+    torchrun --nproc_per_node 2 -m visattn train ...   # DistributedDataParallel
+
+Each run writes, beside ``--out``: ``NAME.metrics.jsonl`` (one JSON line per interval
+and per epoch) and ``NAME.state.safetensors`` (weights, optimiser, epoch: for --resume).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from visattn.checkpoint import atomic_write, read_header, save_checkpoint, tensors_to_bytes
+from visattn.data import CIFAR10_MEAN, CIFAR10_STD, Split, augment, load_split, normalise
+from visattn.errors import TrainingError
+from visattn.models import create_model
+
+
+# ----------------------------------------------------------------------------- hyper-parameters
+@dataclass
+class TrainConfig:
+    model: str = "sa_cnn"
+    model_config: dict[str, Any] = field(default_factory=dict)
+    data: str = "../shared/datasets/cifar10"
+    out: str = "checkpoints/model.safetensors"
+    epochs: int = 10
+    batch_size: int = 512
+    lr: float = 0.4  # peak learning rate (SGD, mean loss)
+    momentum: float = 0.9  # Nesterov
+    weight_decay: float = 5e-4  # on conv and linear weights only
+    label_smoothing: float = 0.2
+    warmup: float = 0.15  # fraction of the steps spent rising to the peak; then linear decay to 0
+    pad: int = 2  # random-translation pixels
+    cutout: int = 0  # cutout square side (0: off)
+    subset: int = 0  # train on this many images only (0: all), for tests and quick looks
+    eval_subset: int = 0  # evaluate on this many test images only (0: all)
+    seed: int = 0
+    log_every: int = 20  # steps between metric lines
+    compile: bool = False  # torch.compile (CUDA)
+    cache: str | None = None  # decoded data-set cache folder
+    stop_after: int = 0  # stop after this many epochs of this call (tests of --resume)
+
+
+def paths(out: str) -> dict[str, Path]:
+    p = Path(out)
+    stem = p.name.removesuffix(".safetensors")
+    return {"out": p, "metrics": p.with_name(stem + ".metrics.jsonl"), "state": p.with_name(stem + ".state.safetensors")}
+
+
+# ----------------------------------------------------------------------------- distributed
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: Tensor, mean, std, batch_size: int = 1000, tta: bool = False) -> Tensor:
+    """Logits for uint8 images, batched; ``tta`` averages with the horizontally flipped view."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = normalise(images[i : i + batch_size].to(device), mean, std)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x).float()
+            if tta:
+                logits = 0.5 * (logits + model(x.flip(-1)).float())
+        out.append(logits.cpu())
+    return torch.cat(out)
+
+
+def accuracy(model: nn.Module, split: Split, mean=CIFAR10_MEAN, std=CIFAR10_STD, tta: bool = False) -> float:
+    return (predict_logits(model, split.images, mean, std, tta=tta).argmax(1) == split.labels).float().mean().item()
+
+
+# ----------------------------------------------------------------------------- optimiser and schedule
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 and "pos_embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``cfg.lr``, then linear decay to zero (one-cycle shape)."""
+    rise = max(1, int(cfg.warmup * total))
+    return cfg.lr * (step / rise if step < rise else max(0.0, (total - step) / max(1, total - rise)))
+
+
+# ----------------------------------------------------------------------------- saving and resuming
+def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, cfg: TrainConfig, log: dict) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{i}.{k}"] = v
+    atomic_write(path, tensors_to_bytes(tensors, {"epoch": epoch, "train": asdict(cfg), "log": log}))
+
+
+def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, dict]:
+    data = path.read_bytes()
+    _, meta = read_header(data)
+    tensors = st_load(data)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    sd = opt.state_dict()
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            sd["state"].setdefault(int(i), {})[name] = v
+    opt.load_state_dict(sd)
+    return int(meta["epoch"]), meta.get("log", {})
+
+
+# ----------------------------------------------------------------------------- the run
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.data``; returns the checkpoint's metadata."""
+    rank, world = dist_info()
+    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    p = paths(cfg.out)
+    train_split = load_split(cfg.data, "train", cache=cfg.cache)
+    test_split = load_split(cfg.data, "test", cache=cfg.cache)
+    if cfg.subset:
+        train_split = train_split.subset(cfg.subset, cfg.seed)
+    if cfg.eval_subset:
+        test_split = test_split.subset(cfg.eval_subset, cfg.seed)
+    mean, std = CIFAR10_MEAN, CIFAR10_STD
+    model_cfg = {"num_classes": len(train_split.classes), **cfg.model_config}
+    model = create_model(cfg.model, **model_cfg)
+    stem = getattr(model, "stem", None)
+    if hasattr(stem, "fit"):
+        stem.fit(normalise(train_split.images[:5000], mean, std))
+    model = model.to(device, memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg)
+    start, log = 0, {"seconds": 0.0, "best": 0.0}
+    if resume and p["state"].exists():
+        start, log = load_state(p["state"], model, opt)
+    elif rank == 0:
+        p["metrics"].parent.mkdir(parents=True, exist_ok=True)
+        p["metrics"].write_text("")
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    fwd = torch.compile(net) if cfg.compile else net
+    images = train_split.images.to(device)
+    labels = train_split.labels.to(device)
+    n = len(labels)
+    steps_per_epoch = n // (cfg.batch_size * world)
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{n} training images are fewer than one batch of {cfg.batch_size * world}")
+    total = steps_per_epoch * cfg.epochs
+    base_flip = torch.rand(n, generator=torch.Generator().manual_seed(cfg.seed)) < 0.5
+    metrics = p["metrics"].open("a") if rank == 0 else None
+    end = min(cfg.epochs, start + cfg.stop_after) if cfg.stop_after else cfg.epochs
+    meta: dict[str, Any] = {}
+    for epoch in range(start, end):
+        net.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # per-epoch: resumable exactly
+        perm = torch.randperm(n, generator=gen)[: steps_per_epoch * cfg.batch_size * world]
+        perm = perm.view(steps_per_epoch, world, cfg.batch_size)[:, rank]
+        flips = base_flip ^ bool(epoch % 2) if epoch else torch.rand(n, generator=gen) < 0.5  # flip alternation
+        t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if rank == 0 else True)
+        for i in bar:
+            step = epoch * steps_per_epoch + i
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, cfg)
+            idx = perm[i]
+            x = augment(images[idx.to(device)], flips[idx].to(device), cfg.pad, cfg.cutout, gen)
+            x = normalise(x, mean, std).contiguous(memory_format=torch.channels_last)
+            y = labels[idx.to(device)]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                logits = fwd(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; stopped, the last good checkpoint "
+                    f"({p['out']}) is kept; try a lower --lr"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            if metrics and (i + 1) % cfg.log_every == 0:
+                metrics.write(json.dumps({
+                    "type": "step", "epoch": epoch + 1, "step": step + 1, "total_steps": total,
+                    "loss": loss_sum / seen, "train_acc": correct / seen, "lr": g["lr"],
+                    "img_per_s": seen * world / (time.time() - t0),
+                }) + "\n")
+                metrics.flush()
+        seconds = time.time() - t0
+        log["seconds"] += seconds
+        if rank == 0:
+            acc = accuracy(model, test_split, mean, std)
+            log["best"] = max(log["best"], acc)
+            line = {
+                "type": "epoch", "epoch": epoch + 1, "epochs": cfg.epochs, "loss": loss_sum / seen,
+                "train_acc": correct / seen, "test_acc": acc, "lr": lr_at(step + 1, total, cfg),
+                "img_per_s": seen * world / seconds, "seconds": log["seconds"], "probe": probe_map(model, test_split, mean, std),
+            }
+            metrics.write(json.dumps(line) + "\n")
+            metrics.flush()
+            meta = save_checkpoint(
+                p["out"], model, classes=list(train_split.classes), mean=list(mean), std=list(std),
+                dataset=train_split.source, train_images=n, accuracy=acc, accuracy_split=f"test ({len(test_split)} images)",
+                epochs=epoch + 1, train_seconds=round(log["seconds"], 1), hardware=hardware(), train_config=asdict(cfg),
+            )
+            save_state(p["state"], model, opt, epoch + 1, cfg, log)
+            print(f"epoch {epoch + 1}: loss {line['loss']:.3f} test acc {acc:.4f} ({line['img_per_s']:.0f} img/s)", flush=True)
+    if metrics:
+        metrics.close()
+    if world > 1:
+        dist.barrier()
+    return meta
+
+
+def probe_map(model: nn.Module, split: Split, mean, std) -> list | None:
+    """Head-averaged attention received per grid token for test image 0 (epoch-by-epoch view)."""
+    from visattn.capture import capture
+
+    x = normalise(split.images[:1].to(next(model.parameters()).device), mean, std)
+    sites = list(capture(model.eval(), x).attention.values())
+    if not sites:
+        return None
+    s = sites[-1]
+    w = s.full_weights(0).mean(0)[s.prefix :, s.prefix :].mean(0)  # (grid tokens,)
+    return w.reshape(s.grid).cpu().tolist()
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores, torch {torch.__version__})"
