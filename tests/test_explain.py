@@ -2,6 +2,7 @@
 hand-built model, token layers, flags restored, and no cross-talk between threads."""
 from __future__ import annotations
 
+import doctest
 import threading
 
 import numpy as np
@@ -11,12 +12,21 @@ from torch import nn
 
 from visattn import explain
 from visattn.explain import (
-    ExplainError, Explanation, attention_map, default_cam_layer, explain_all, grad_cam, integrated_gradients,
-    list_cam_layers, occlusion, rollout, saliency,
+    ExplainError, Explanation, attention_map, default_cam_layer, explain_all, grad_cam, list_cam_layers, rollout,
+    saliency,
 )
 from visattn.models import create_model
 
 SIDE = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread, above all beside a busy training job."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -151,4 +161,9 @@ def test_threads_share_a_model_without_cross_talk(tiny):
         assert len(got[i]) == 3
         for m in got[i]:
             np.testing.assert_allclose(m, expected[i], rtol=1e-5, atol=1e-9)
-    assert not tiny._forward_hooks and not any(m._forward_hooks for m in tiny.modules())
+    assert not any(m._forward_hooks or isinstance(m, explain._GridProbe) for m in tiny.modules())
+
+
+def test_docstring_examples(tiny):
+    globs = {"model": tiny, "image": images(1), "create_model": create_model, "torch": torch}
+    assert doctest.testmod(explain, extraglobs=globs).failed == 0

@@ -33,7 +33,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     overrides = parse_overrides(a.set)
     fields = TrainConfig.__dataclass_fields__
     train_kw = {k: v for k, v in vars(a).items() if k in fields and v is not None}
-    meta = train(TrainConfig(model_config=overrides, **train_kw), resume=a.resume)
+    _, meta = train(TrainConfig(model_config=overrides, **train_kw), resume=a.resume)
     if meta:
         print(f"saved {a.out}: test accuracy {meta['accuracy']:.4f} after {meta['epochs']} epochs")
     return 0

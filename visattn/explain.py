@@ -4,32 +4,30 @@ and returns an :class:`Explanation`: a non-negative float32 (H, W) map at input
 resolution, raw scale (``visattn.maps.normalise`` it for display).
 
 Concurrency: gradient methods hold a lock per model (:func:`model_lock`), so two threads
-never interleave hooks on one shared model; Grad-CAM's hooks go on a private view (new
-module objects sharing the parameters and buffers), so plain forwards and captures from
-other threads never meet them. Nothing calls ``model.train()``: gradients are taken under
+never interleave hooks on one shared model; Grad-CAM's hook goes on a private view (new
+module objects along the path to the layer, everything else shared), so plain forwards
+and captures from other threads never meet it. Nothing calls ``model.train()``: gradients are taken under
 ``torch.enable_grad`` with respect to a copy of the input only (no parameter ``.grad``),
 and the ``training`` / ``requires_grad`` flags are restored on the way out.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import re
 import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion, Saliency
 from torch import Tensor, nn
 
-from visattn.capture import AttentionSite, Trace, capture
+from visattn.capture import AttentionSite, capture
 from visattn.errors import VisattnError
 
-METHOD_NAMES = ("attention", "rollout", "grad_cam", "integrated_gradients", "saliency", "occlusion")
 _CAM_NAME = re.compile(r"stem|tokenizer|conv_proj|stages\.\d+(\.\d+)?|blocks\.\d+|encoder\.layers\.[^.]+")
 _LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -55,31 +53,13 @@ def model_lock(model: nn.Module) -> threading.RLock:
         return _LOCKS.setdefault(model, threading.RLock())
 
 
-@contextlib.contextmanager
-def _gradient_session(model: nn.Module) -> Iterator[None]:
-    """Hold the model's lock with gradients on; restore training/requires_grad flags after."""
-    with model_lock(model):
-        modes = [(m, m.training) for m in model.modules()]
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        try:
-            with torch.enable_grad():
-                yield
-        finally:
-            for m, training in modes:
-                m.training = training
-            for p, requires_grad in flags:
-                if p.requires_grad != requires_grad:
-                    p.requires_grad_(requires_grad)
-
-
 def _prepare(model: nn.Module, image: Tensor) -> Tensor:
     """A detached float copy of ``image`` as (1, 3, H, W) on the model's device."""
     if image.dim() == 3:
         image = image.unsqueeze(0)
     if image.dim() != 4 or image.shape[0] != 1:
         raise ExplainError(f"expected one image (1, C, H, W), got shape {tuple(image.shape)}")
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else image.device
+    device = next(model.parameters(), image).device
     return image.detach().to(device=device, dtype=torch.float32).clone().requires_grad_()
 
 
@@ -147,15 +127,23 @@ class _GridProbe(nn.Module):
         return self.layer(torch.cat([x[:, :p], grid.flatten(2).transpose(1, 2)], dim=1), *args, **kwargs)
 
 
+def _shallow(module: nn.Module) -> nn.Module:
+    clone = copy.copy(module)  # same parameters, buffers and hooks; its own child table
+    clone._modules = dict(module._modules)
+    return clone
+
+
 def _probed_view(model: nn.Module, layer_name: str) -> tuple[nn.Module, nn.Module]:
-    """A private copy of ``model``'s module tree sharing its parameters and buffers, with
-    the named layer wrapped in a :class:`_GridProbe`; returns (view, probe)."""
-    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    view = copy.deepcopy(model, memo=shared)
-    parent_name, _, leaf = layer_name.rpartition(".")
-    parent = view.get_submodule(parent_name)
-    wrapper = _GridProbe(parent._modules[leaf])
-    parent._modules[leaf] = wrapper
+    """A private view of ``model``: shallow copies along the path to the named layer (all
+    else shared), the layer wrapped in a :class:`_GridProbe`; returns (view, probe)."""
+    view = node = _shallow(model)
+    *path, leaf = layer_name.split(".")
+    for part in path:
+        child = _shallow(node._modules[part])
+        node._modules[part] = child
+        node = child
+    wrapper = _GridProbe(node._modules[leaf])
+    node._modules[leaf] = wrapper
     return view, wrapper.probe
 
 
@@ -173,12 +161,21 @@ def _layer_name(model: nn.Module, layer: nn.Module | str | None) -> str:
 def _gradient_method(name: str, model: nn.Module, image: Tensor, target: int | None,
                      attribute: Callable[[Tensor, int], Tensor],
                      reduce: Callable[[Tensor], Tensor]) -> Explanation:
-    """Run a captum ``attribute(x, target)`` under the model's gradient session and
-    ``reduce`` its (C, H, W) attribution to the (H, W) map."""
+    """Run a captum ``attribute(x, target)`` holding the model's lock with gradients on,
+    restore the model's training/requires_grad flags, ``reduce`` (C, H, W) to (H, W)."""
     t0, x = time.perf_counter(), _prepare(model, image)
-    with _gradient_session(model):
-        target = _target(model, x, target)
-        attr = attribute(x, target)
+    with model_lock(model):
+        modes = [(m, m.training) for m in model.modules()]
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        try:
+            with torch.enable_grad():
+                target = _target(model, x, target)
+                attr = attribute(x, target)
+        finally:
+            for m, training in modes:
+                m.training = training
+            for p, requires_grad in flags:
+                p.requires_grad_(requires_grad)
     return _explanation(name, reduce(attr[0]), target, t0)
 
 
@@ -212,7 +209,7 @@ def integrated_gradients(model: nn.Module, image: Tensor, target: int | None = N
         model, image, target: as for :func:`grad_cam`. steps: points on the path.
         internal_batch_size: path points per forward. baseline: (1, 3, H, W); None: black.
 
-    >>> integrated_gradients(model, image, target=3, steps=32).map.min() >= 0
+    >>> bool(integrated_gradients(model, image, target=3, steps=32).map.min() >= 0)
     True
     """
     def attribute(x: Tensor, t: int) -> Tensor:
@@ -259,7 +256,7 @@ def occlusion(model: nn.Module, image: Tensor, target: int | None = None, window
 
 
 def _from_trace(name: str, model: nn.Module, image: Tensor, target: int | None,
-                map_of: Callable[[Trace, list[AttentionSite]], np.ndarray]) -> Explanation | None:
+                map_of: Callable[[list[AttentionSite]], np.ndarray]) -> Explanation | None:
     """Capture once, build a token-grid map from the attention sites, upsample it."""
     from visattn.maps import upsample
 
@@ -268,12 +265,12 @@ def _from_trace(name: str, model: nn.Module, image: Tensor, target: int | None,
     sites = list(trace.attention.values())
     if not sites:
         return None
-    m = upsample(np.asarray(map_of(trace, sites), dtype=np.float32), tuple(x.shape[-2:]))
+    m = upsample(np.asarray(map_of(sites), dtype=np.float32), tuple(x.shape[-2:]))
     target = int(trace.logits.argmax(1)[0]) if target is None else int(target)
     return _explanation(name, torch.as_tensor(m), target, t0)
 
 
-def _received(trace: Trace, sites: list[AttentionSite]) -> np.ndarray:
+def _received(sites: list[AttentionSite]) -> np.ndarray:
     site, p = sites[-1], sites[-1].prefix
     return site.full_weights(0)[:, p:, p:].float().mean(dim=(0, 1)).reshape(site.grid).cpu().numpy()
 
@@ -298,7 +295,7 @@ def rollout(model: nn.Module, image: Tensor, target: int | None = None,
     """
     from visattn.maps import rollout_map
 
-    return _from_trace("rollout", model, image, target, lambda trace, sites: rollout_map(sites, 0, head_fusion))
+    return _from_trace("rollout", model, image, target, lambda sites: rollout_map(sites, 0, head_fusion))
 
 
 METHODS: dict[str, Callable[..., Explanation | None]] = {
@@ -308,13 +305,15 @@ METHODS: dict[str, Callable[..., Explanation | None]] = {
 
 
 def explain_all(model: nn.Module, image: Tensor, target: int | None = None,
-                methods: tuple[str, ...] = METHOD_NAMES) -> dict[str, Explanation]:
-    """Run several methods on one image for one target (None: the predicted class).
-    Methods that do not apply (attention maps of a model without attention) are left out.
+                methods: tuple[str, ...] | None = None) -> dict[str, Explanation]:
+    """Run several methods (None: all of :data:`METHODS`) on one image for one target
+    (None: the predicted class). Methods that do not apply (attention maps of a model
+    without attention) are left out.
 
     >>> sorted(explain_all(model, image, methods=("saliency", "grad_cam")))
     ['grad_cam', 'saliency']
     """
+    methods = tuple(METHODS) if methods is None else methods
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ExplainError(f"unknown methods {unknown}; known: {list(METHODS)}")

@@ -11,7 +11,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
 
@@ -20,9 +19,8 @@ from visattn.errors import VisattnError
 EVAL_METHODS = ("attention", "rollout", "grad_cam", "integrated_gradients", "saliency", "occlusion", "random")
 
 
-def _device(model: nn.Module, fallback: torch.device) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else fallback
+def _device(model: nn.Module, like: Tensor) -> torch.device:
+    return next(model.parameters(), like).device
 
 
 def _baseline(images: Tensor, kind: str) -> Tensor:
@@ -60,13 +58,13 @@ def deletion_insertion(model: nn.Module, images: Tensor, maps: np.ndarray | Tens
     >>> r["deletion_curve"].shape, r["deletion_auc"].shape
     ((4, 9), (4,))
     """
-    device = _device(model, images.device)
+    device = _device(model, images)
     x = images.detach().float().to(device)
     b, _, h, w = x.shape
     m = torch.as_tensor(np.asarray(maps, dtype=np.float32) if not isinstance(maps, Tensor) else maps)
+    if tuple(m.shape) != (b, h, w) or not torch.isfinite(m).all():
+        raise VisattnError(f"maps must be finite, shaped {(b, h, w)}; got {tuple(m.shape)}")
     m = m.detach().float().reshape(b, h * w).to(device)
-    if not torch.isfinite(m).all():
-        raise VisattnError("maps must be finite")
     t = torch.as_tensor(targets, device=device).long().reshape(b)
     order = m.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(h * w, device=device).expand(b, -1))
@@ -80,9 +78,7 @@ def deletion_insertion(model: nn.Module, images: Tensor, maps: np.ndarray | Tens
             deleting = (idx < per_kind)[:, None, None, None]  # first half deletion, then insertion
             img, step = (idx % per_kind) // (steps + 1), idx % (steps + 1)
             chosen = (rank[img] < counts[step][:, None]).reshape(-1, 1, h, w)  # top pixels so far
-            first = torch.where(deleting, base[img], x[img])
-            second = torch.where(deleting, x[img], base[img])
-            batch = torch.where(chosen, first, second)
+            batch = torch.where(chosen == deleting, base[img], x[img])  # deleted, or not yet inserted
             probs[idx] = model(batch).float().softmax(dim=1).gather(1, t[img][:, None])[:, 0]
     curves = probs.reshape(2, b, steps + 1).cpu().numpy()
     fractions = (counts.float() / (h * w)).cpu().numpy()
@@ -106,25 +102,30 @@ def random_map(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
 
 def _randomise(module: nn.Module) -> None:
-    """Re-initialise ``module``'s own parameters: ``reset_parameters`` where it exists,
-    else Gaussian noise with each parameter's std (0.02 when that is zero or undefined)."""
-    reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
-    if callable(reset):
-        reset()
-        return
-    for p in module.parameters(recurse=False):
-        if p.numel() == 0:
+    """Re-initialise every parameter under ``module``: ``reset_parameters`` where a module
+    has it, else Gaussian noise with each parameter's std (0.02 when zero or undefined)."""
+    for sub in module.modules():
+        reset = getattr(sub, "reset_parameters", None) or getattr(sub, "_reset_parameters", None)
+        if callable(reset):
+            reset()
             continue
-        std = float(p.float().std()) if p.numel() > 1 else abs(float(p))
-        p.normal_(0.0, std if math.isfinite(std) and std > 0 else 0.02)
+        for p in sub.parameters(recurse=False):
+            if p.numel() == 0:
+                continue
+            std = float(p.float().std()) if p.numel() > 1 else abs(float(p))
+            p.normal_(0.0, std if math.isfinite(std) and std > 0 else 0.02)
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     if np.allclose(a, b, rtol=1e-5, atol=1e-12):
         return 1.0
+    if a.min() == a.max() or b.min() == b.max():
+        return 0.0  # a map that went constant kept nothing of the original
+    from scipy.stats import spearmanr  # slow to import: only when needed
+
     rho = spearmanr(a, b).statistic
-    return float(rho) if math.isfinite(rho) else 0.0  # a map that went constant kept nothing
+    return float(rho) if math.isfinite(rho) else 0.0
 
 
 def sanity_check(model: nn.Module, image: Tensor, target: int | None,
@@ -141,24 +142,32 @@ def sanity_check(model: nn.Module, image: Tensor, target: int | None,
         model: classifier. image: (1, 3, H, W). target: class (None: the predicted one).
         method: the name of a ``visattn.explain`` method (run on ``image`` and ``target``),
             or any ``callable(model) -> (H, W) map``.
-        layers: module names to randomise, in this order; None: every module with its own
-            parameters, output first.
+        layers: module names to randomise (with all their submodules), in this order;
+            None: every module with its own parameters, output first.
         seed: for the re-initialisation.
 
     Returns:
         [(layer name, rho after randomising it and every layer before it)].
 
-    >>> sanity_check(model, image, 3, "grad_cam", layers=["head", "stages.2"])
-    [('head', 0.41), ('stages.2', 0.05)]
+    >>> [name for name, rho in sanity_check(model, image, 3, "grad_cam", layers=["head.fc", "stages.2"])]
+    ['head.fc', 'stages.2']
     """
     if isinstance(method, str):
         from visattn.explain import METHODS
 
-        explain, name = METHODS[method], method
+        if method not in METHODS:
+            raise VisattnError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+        explain = METHODS[method]
         if target is None:
             with torch.no_grad():
-                target = int(model(image.to(_device(model, image.device))).argmax(1)[0])
-        method = lambda m: explain(m, image, target).map  # noqa: E731
+                target = int(model(image.to(_device(model, image))).argmax(1)[0])
+
+        def method(m: nn.Module, _name: str = method) -> np.ndarray:
+            e = explain(m, image, target)
+            if e is None:
+                raise VisattnError(f"{_name} does not apply to this model (no attention site)")
+            return e.map
+
     original = method(model)
     copy_ = copy.deepcopy(model)
     if layers is None:
@@ -202,7 +211,7 @@ def evaluate_methods(model: nn.Module, images: Tensor, targets: Tensor | list[in
 
     if targets is None:
         with torch.no_grad():
-            targets = model(images.to(_device(model, images.device))).argmax(1)
+            targets = model(images.to(_device(model, images))).argmax(1)
     targets = [int(t) for t in torch.as_tensor(targets).reshape(-1)]
     results = {}
     for name in methods:

@@ -137,8 +137,8 @@ def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tupl
 
 
 # ----------------------------------------------------------------------------- the run
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train ``cfg.model`` on ``cfg.data``; returns the checkpoint's metadata."""
+def train(cfg: TrainConfig, resume: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Train ``cfg.model`` on ``cfg.data``; returns the model and its checkpoint's metadata."""
     rank, world = dist_info()
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
@@ -237,7 +237,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         metrics.close()
     if world > 1:
         dist.barrier()
-    return meta
+    return model.to(memory_format=torch.contiguous_format).eval(), meta
 
 
 def probe_map(model: nn.Module, split: Split, mean, std) -> list | None:

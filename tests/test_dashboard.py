@@ -1,0 +1,291 @@
+"""The Streamlit dashboard (dashboard.py, pages/) under streamlit.testing.v1.AppTest,
+and the plain helpers behind it (visattn/dashboard_support.py).
+
+AppTest runs the scripts in this process, so the model cache is shared between tests
+and calls can be counted by patching ``visattn.inference.analyse_tensor``.
+
+Two AppTest details: pages are also run on their own (``AppTest.from_file("pages/x.py")``:
+a page then draws the sidebar model picker itself), and :func:`nav_fix` keeps AppTest
+from treating ``pages/`` as an old-style pages directory on reruns (see its docstring).
+Uploads go through the real ``st.file_uploader`` (AppTest 1.67 can set its files).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bad_inputs import make_corpus, valid_jpeg  # noqa: E402
+
+from visattn import dashboard_support as ds  # noqa: E402
+
+DEFAULT_CKPT = ROOT / "checkpoints" / "sa_cnn.safetensors"
+PAGES = ["pages/explore.py", "pages/compare.py", "pages/train.py", "pages/models.py", "pages/learn.py"]
+TITLES = {"pages/explore.py": "Explore", "pages/compare.py": "Compare", "pages/train.py": "Train",
+          "pages/models.py": "Models", "pages/learn.py": "Learn"}
+TIMEOUT = 60
+
+needs_checkpoint = pytest.mark.skipif(
+    not DEFAULT_CKPT.is_file(),
+    reason="checkpoints/sa_cnn.safetensors is absent (it appears after the first epoch of `make train-default`)",
+)
+
+
+@pytest.fixture()
+def nav_fix(monkeypatch):
+    """AppTest resets ``PagesManager.uses_pages_directory`` before every run, and a
+    ``pages/`` folder beside the script then makes reruns execute the page alone (v1
+    multipage mode), skipping dashboard.py. A real server clears the flag once
+    ``st.navigation`` is called; do the same here."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    original = PagesManager.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(PagesManager, "__init__", init)
+
+
+def app(script: str = "dashboard.py"):
+    from streamlit.testing.v1 import AppTest
+
+    return AppTest.from_file(str(ROOT / script), default_timeout=TIMEOUT)
+
+
+def problems(at) -> list[str]:
+    return [e.value for e in at.exception] + [e.message for e in at.exception]
+
+
+def errors(at) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def sample_photo() -> tuple[str, bytes]:
+    """A real photo (a CIFAR-10 test JPEG) when the data set is here, else a synthetic JPEG."""
+    folder = ds.data_path() / "test" / "cat"
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            if p.suffix.lower() in (".jpg", ".jpeg", ".png"):
+                return p.name, p.read_bytes()
+    return "photo.jpg", valid_jpeg(64, 48)
+
+
+def upload(at, name: str, data: bytes, key: str = "explore_upload"):
+    at.file_uploader(key=key).set_value((name, data, "application/octet-stream"))
+    return at.run()
+
+
+def to_upload_mode(at):
+    at.radio(key="_w_image_source").set_value("Upload an image")
+    return at.run()
+
+
+# ----------------------------------------------------------------------------- AppTest: pages
+@needs_checkpoint
+def test_every_page_renders_on_the_default_checkpoint(nav_fix):
+    at = app().run()
+    assert not at.exception, problems(at)
+    assert not errors(at), errors(at)
+    assert at.title[0].value.startswith("Explore")
+    assert at.session_state["model_handle"].meta["model"] == "sa_cnn"
+    for page in PAGES[1:]:
+        at.switch_page(page).run()
+        assert not at.exception, (page, problems(at))
+        assert not errors(at), (page, errors(at))
+        assert at.title[0].value.startswith(TITLES[page]), page
+        assert at.sidebar.radio(key="model_source").value == "Checkpoint"  # dashboard.py's sidebar ran too
+    at.switch_page("pages/explore.py").run()
+    assert not at.exception and at.title[0].value.startswith("Explore")
+
+
+@needs_checkpoint
+def test_explore_upload_gives_predictions_and_overlays():
+    at = app("pages/explore.py").run()
+    to_upload_mode(at)
+    assert [i.value for i in at.info] == ["Upload an image to begin, or switch to a test-set sample."]
+    name, data = sample_photo()
+    upload(at, name, data)
+    assert not at.exception, problems(at)
+    assert not errors(at), errors(at)
+    assert any(m.value.startswith("Predicted **") for m in at.markdown)
+    assert len(at.get("plotly_chart")) >= 2  # top-k bars, similarity maps
+    assert len(at.image) >= 2  # the overlay grid, the averaged/rollout overlays
+    assert {b.label for b in at.get("download_button")} == {"Download figure (PNG)", "Download raw maps (NPZ)"}
+
+
+@needs_checkpoint
+def test_bad_uploads_show_one_error_then_a_good_upload_works(tmp_path):
+    at = app("pages/explore.py").run()
+    to_upload_mode(at)
+    corpus = make_corpus(tmp_path)
+    bad = {name: path for name, (path, ok) in corpus.items() if not ok}
+    assert len(bad) >= 8
+    for name, path in bad.items():
+        upload(at, path.name, path.read_bytes())
+        assert not at.exception, (name, problems(at))
+        assert len(at.error) == 1, (name, errors(at))
+        assert "\n" not in at.error[0].value and "Traceback" not in at.error[0].value, name
+        assert not any(m.value.startswith("Predicted **") for m in at.markdown), name
+    path, ok = corpus["photo_jpeg"]
+    assert ok
+    upload(at, path.name, path.read_bytes())
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    assert any(m.value.startswith("Predicted **") for m in at.markdown)
+
+
+@needs_checkpoint
+def test_query_change_does_not_run_the_model_again(monkeypatch):
+    from visattn import inference
+
+    calls = []
+    real = inference.analyse_tensor
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "analyse_tensor", counting)
+    at = app("pages/explore.py").run()
+    to_upload_mode(at)
+    upload(at, "fresh.jpg", valid_jpeg(40, 40))  # bytes this process has not analysed yet
+    assert len(calls) == 1 and not at.exception and not at.error, (calls, problems(at), errors(at))
+    forwards = []
+    hook = at.session_state["model_handle"].model.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        at.session_state["query_yx"] = (0.1, 0.9)  # what a click does
+        at.run()
+        at.slider(key="_w_explore_row").set_value(25).run()  # the keyboard way
+        assert at.session_state["query_yx"][0] == pytest.approx(25.5 / 32)
+        at.slider(key="_w_alpha").set_value(0.8).run()
+        at.selectbox(key="_w_cmap").set_value("viridis").run()
+        at.selectbox(key="_w_head").set_value("head 1").run()
+    finally:
+        hook.remove()
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    assert calls == [1] and forwards == []
+
+
+@needs_checkpoint
+def test_learn_page_checks_its_numbers():
+    at = app("pages/learn.py").run()
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Sum of all the weights"] == "1.000000"
+    residual = "Largest difference between input + g·context and the real output"
+    assert float(metrics[residual]) < 1e-4
+    assert at.latex, "the formula is shown"
+
+
+@needs_checkpoint
+def test_pages_work_without_the_data_set(monkeypatch, tmp_path):
+    monkeypatch.setenv("VISATTN_DATA", str(tmp_path / "no_such_dataset"))
+    for page in ("pages/explore.py", "pages/models.py", "pages/train.py"):
+        at = app(page).run()
+        assert not at.exception and not at.error, (page, problems(at), errors(at))
+        assert any("not available" in i.value for i in at.info), page
+
+
+def test_train_form_starts_and_stops_a_background_run(monkeypatch, tmp_path):
+    """The form builds the command and starts it in its own session; Stop signals its group.
+    Popen and killpg are faked: no training runs here."""
+    started, killed = [], []
+
+    class FakePopen:
+        pid = 424242
+
+        def __init__(self, argv, **kwargs):
+            started.append((argv, kwargs))
+            self.returncode = None
+
+        def poll(self):
+            return self.returncode
+
+        def wait(self, timeout=None):
+            self.returncode = -15
+            return self.returncode
+
+    monkeypatch.setattr(ds.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(ds.os, "killpg", lambda pid, sig: killed.append((pid, sig)))
+    monkeypatch.setattr(ds, "RUNS_DIR", tmp_path)
+    monkeypatch.setattr(ds, "_RUNNING", {})
+    at = app("pages/train.py").run()
+    assert not at.exception, problems(at)
+    at.text_input(key="train_name").set_value("unit_test_run")
+    at.button[0].click().run()  # the form's submit button
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    (argv, kwargs), = started
+    assert argv[1:5] == ["-m", "visattn", "train", "--model"] and kwargs["start_new_session"] is True
+    assert argv[argv.index("--out") + 1] == str(tmp_path / "unit_test_run.safetensors")
+    assert "heads=4" in argv and "widths=(32,64,128)" in argv
+    at.button(key="stop_unit_test_run").click().run()
+    assert not at.exception, problems(at)
+    assert killed and killed[0][0] == FakePopen.pid
+    assert ds.running() == {}
+
+
+# ----------------------------------------------------------------------------- helpers, no Streamlit
+def test_click_and_pixel_conversions():
+    assert ds.click_to_yx({"x": 160, "y": 80, "width": 320, "height": 320}) == (0.25, 0.5)
+    y, x = ds.click_to_yx({"x": 320, "y": 320, "width": 320, "height": 320})
+    assert y < 1.0 and x < 1.0
+    assert ds.click_to_yx(None) is None
+    assert ds.yx_to_pixel(ds.pixel_to_yx(5, 31, 32), 32) == (5, 31)
+
+
+def test_train_argv_is_validated():
+    argv = ds.train_argv("ok-name_1", "sa_cnn", 3, 16, 2, "cosine", "relative", 2048, data="/data")
+    assert argv[argv.index("--set") + 1] == "widths=(16,32,64)"
+    assert "similarity=cosine" in argv and "pos_encoding=relative" in argv and "--subset" in argv
+    for bad in ("../escape", "a b", "", "x" * 60):
+        with pytest.raises(ds.VisattnError):
+            ds.train_argv(bad)
+    with pytest.raises(ds.VisattnError):
+        ds.train_argv("x", epochs=0)
+    with pytest.raises(ds.VisattnError):
+        ds.train_argv("x", width=16, heads=3)
+
+
+def test_read_metrics_tolerates_a_half_written_line(tmp_path):
+    p = tmp_path / "r.metrics.jsonl"
+    p.write_text(json.dumps({"type": "step", "step": 1, "loss": 2.0}) + "\n" +
+                 json.dumps({"type": "epoch", "epoch": 1, "test_acc": 0.5, "probe": [[0.1]]}) + "\n" + '{"type": "st')
+    steps, epochs = ds.read_metrics(p)
+    assert [s["step"] for s in steps] == [1] and epochs[0]["test_acc"] == 0.5
+    assert ds.read_metrics(tmp_path / "absent.jsonl") == ([], [])
+    ds.curves_figure(steps, epochs)
+    ds.curves_figure([], epochs)
+
+
+@pytest.mark.parametrize("config", [{"similarity": "dot", "pos_encoding": "relative"},
+                                    {"similarity": "cosine", "pos_encoding": "sinusoidal"}])
+def test_lesson_reproduces_the_layer(config):
+    from visattn.capture import capture
+    from visattn.models import create_model
+
+    model = create_model("sa_cnn", widths=(8, 16, 16), heads=2, **config).eval()
+    site = next(iter(capture(model, torch.randn(1, 3, 32, 32)).attention.values()))
+    token = ds.query_token(site, (0.3, 0.7))
+    les = ds.lesson(site, token, head=1)
+    assert les.sum_weights == pytest.approx(1.0, abs=1e-5)
+    assert les.weights_error < 1e-5 and les.head_context_check < 1e-5
+    assert les.residual_error is not None and les.residual_error < 1e-4
+    assert les.to_grid(les.weights).shape == site.grid and len(les.top) == 5
+    assert les.top[0][2] == pytest.approx(float(les.weights.max()))
+
+
+def test_enlarge_marks_the_query():
+    img = np.zeros((32, 32, 3), np.uint8)
+    big = ds.enlarge(img, 320, (0.5, 0.5), (8, 8))
+    assert big.shape == (320, 320, 3) and (big[160, 150:170] == [0, 255, 255]).all(-1).any()

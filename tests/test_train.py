@@ -1,0 +1,117 @@
+"""Training on a small subset: loss falls, checkpoints reload exactly, kills resume exactly."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import DATA, ROOT, needs_data
+from visattn.checkpoint import load_checkpoint
+from visattn.errors import TrainingError
+from visattn.train import TrainConfig, train
+
+pytestmark = needs_data()
+TINY = {"widths": (8, 16, 16), "heads": 2}
+
+
+def cfg(out: Path, **kw) -> TrainConfig:
+    base = dict(model="sa_cnn", model_config=TINY, data=str(DATA), out=str(out), epochs=2, batch_size=128,
+                subset=1024, eval_subset=200, lr=0.2, log_every=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "visattn", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_loss_falls_and_checkpoint_reloads_exactly(tmp_path: Path) -> None:
+    model, meta = train(cfg(tmp_path / "a.safetensors", epochs=3))
+    lines = [json.loads(l) for l in (tmp_path / "a.metrics.jsonl").read_text().splitlines()]
+    epochs = [l for l in lines if l["type"] == "epoch"]
+    assert len(epochs) == 3 and epochs[-1]["loss"] < epochs[0]["loss"]
+    assert {"loss", "train_acc", "lr", "img_per_s"} <= set(lines[0])
+    assert epochs[-1]["probe"] is not None  # the attention map on the probe image, per epoch
+    loaded, meta2 = load_checkpoint(tmp_path / "a.safetensors")
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert meta2["epochs"] == 3 and meta2["classes"][0] == "airplane" and 0 <= meta2["accuracy"] <= 1
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path)
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    args = ["train", "--model", "sa_cnn", "--set", "widths=(8,16,16)", "--set", "heads=2", "--data", str(DATA),
+            "--epochs", "3", "--batch-size", "128", "--subset", "768", "--eval-subset", "100", "--seed", "3"]
+    ref = cli(*args, "--out", str(tmp_path / "ref.safetensors"))
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+    out = tmp_path / "run.safetensors"
+    p = cli(*args, "--out", str(out))
+    state = tmp_path / "run.state.safetensors"
+    deadline = time.time() + 300
+    while time.time() < deadline and not state.exists():
+        time.sleep(0.02)
+    os.kill(p.pid, signal.SIGKILL)  # early in epoch 2
+    p.wait()
+    assert p.returncode == -signal.SIGKILL  # killed, not finished
+    load_checkpoint(out)  # whatever moment the kill hit, the checkpoint on disk is whole
+    r = cli(*args, "--out", str(out), "--resume")
+    assert r.wait(timeout=300) == 0, r.stdout.read()
+    a, b = _weights(tmp_path / "ref.safetensors"), _weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "n.safetensors"
+    train(cfg(out, epochs=1))
+    before = out.read_bytes()
+    with pytest.raises(TrainingError, match="loss became"):
+        train(cfg(out, epochs=1, lr=1e30))
+    assert out.read_bytes() == before
+    load_checkpoint(out)
+
+
+def test_unwritable_output_gives_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    p = cli("train", "--set", "widths=(8,16,16)", "--data", str(DATA), "--epochs", "1", "--batch-size", "128",
+            "--subset", "256", "--eval-subset", "50", "--out", str(blocker / "sub" / "m.safetensors"))
+    assert p.wait(timeout=300) != 0
+    text = p.stdout.read()
+    assert "Traceback" not in text and "error:" in text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_two_gloo_processes(tmp_path: Path) -> None:
+    out = tmp_path / "ddp.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "visattn", "train", "--set", "widths=(8,16,16)", "--set", "heads=2",
+           "--data", str(DATA), "--epochs", "1", "--batch-size", "64", "--subset", "512", "--eval-subset", "100",
+           "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _, meta = load_checkpoint(out)
+    assert meta["epochs"] == 1
+    steps = [json.loads(l) for l in (tmp_path / "ddp.metrics.jsonl").read_text().splitlines()]
+    assert steps[-1]["type"] == "epoch"
