@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "cmap": "inferno",
     "layer": None,
     "head": MEAN_OF_HEADS,
-    "target": None,  # Compare: class index explained (None: the predicted class)
+    "target": -1,  # Compare: class index explained (-1: the predicted class)
     "cam_layer": None,
     "train_monitor": None,  # Train: metrics file label shown
 }
@@ -73,6 +73,23 @@ def init_state() -> None:
     for key, value in DEFAULTS.items():
         if key not in st.session_state:
             st.session_state[key] = value
+
+
+def page_start() -> None:
+    """The first call of every page.
+
+    A fresh server treats ``pages/`` as an old-style pages folder until the first
+    ``st.navigation`` call: a first visit straight to a page URL (a bookmarked /learn)
+    would run that page alone, without dashboard.py's layout, navigation and sidebar.
+    Streamlit clears that flag itself once ``st.navigation`` runs; clear it here and rerun,
+    so dashboard.py runs and opens the requested page.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+    init_state()
 
 
 def one_line(e: BaseException) -> str:

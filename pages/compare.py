@@ -34,7 +34,7 @@ def sanity(model_key: str, image_sha: str, target: int, method: str, layer: str 
     return ds.sanity(_model, _tensor, target, method, layer)
 
 
-ui.init_state()
+ui.page_start()
 st.title("Compare: attention beside other explanations")
 st.markdown("Attention shows where the model *routes information*; the other methods ask which pixels *change "
             "the score* of a class. Compare them on one image, then test how faithful each map is.")
@@ -56,8 +56,8 @@ with right:
     st.markdown(ui.prediction_caption(analysis, choice))
     c1, c2 = st.columns(2)
     with c1:
-        target = ui.persistent(st.selectbox, "Explain the class", "target", options=[None, *range(len(classes))],
-                               format_func=lambda t: f"predicted: {classes[analysis.predicted]}" if t is None
+        target = ui.persistent(st.selectbox, "Explain the class", "target", options=[-1, *range(len(classes))],
+                               format_func=lambda t: f"predicted: {classes[analysis.predicted]}" if t == -1
                                else classes[t])
     cam_layers = explain.list_cam_layers(model)
     if st.session_state.get("cam_layer") not in cam_layers:
@@ -67,13 +67,24 @@ with right:
         cam_layer = ui.persistent(st.selectbox, "Grad-CAM layer", "cam_layer", options=cam_layers or [None],
                                   help="Grad-CAM weighs this layer's feature maps by their gradients.")
     alpha, cmap = ui.look_controls()
-target_idx = analysis.predicted if target is None else int(target)
+target_idx = analysis.predicted if target == -1 else int(target)
 
 st.header(f"Where each method looks for “{classes[target_idx]}”")
+heavy = ds.is_heavy(model, handle.meta)
+slow_key = (handle.key, choice.sha, target_idx)
+slow_ok = not heavy or slow_key in st.session_state.setdefault("compare_slow_ok", set())
+if not slow_ok:
+    c1, c2 = st.columns([3, 1], vertical_alignment="center")
+    c1.info("This model is large for this machine: integrated gradients, occlusion and the faithfulness curves "
+            "take minutes here. The quick methods are shown below.")
+    if c2.button("Compute the slow ones too", key="compare_slow"):
+        st.session_state["compare_slow_ok"].add(slow_key)
+        slow_ok = True
+todo = [m for m in METHODS if slow_ok or m not in ds.SLOW_METHODS]
 results = {}
 bar = st.progress(0.0, text="Computing explanations…")
-for i, name in enumerate(METHODS):
-    bar.progress(i / len(METHODS), text=f"Computing {ds.METHOD_LABELS[name]}…")
+for i, name in enumerate(todo):
+    bar.progress(i / len(todo), text=f"Computing {ds.METHOD_LABELS[name]}…")
     with ui.guard(ds.METHOD_LABELS[name]):
         results[name] = explanation(handle.key, choice.sha, name, target_idx,
                                     cam_layer if name == "grad_cam" else None, model, analysis.tensor)
@@ -84,6 +95,9 @@ for row in (METHODS[:3], METHODS[3:]):
         e = results.get(name)
         with col:
             st.subheader(ds.METHOD_LABELS[name])
+            if name not in todo:
+                st.caption("slow for this model: use the button above")
+                continue
             if e is None:
                 st.info("Not available: this model has no self-attention layers." if name in ("attention", "rollout")
                         else "Could not be computed (see the message above).")
@@ -98,19 +112,22 @@ st.markdown("**Deletion:** blur away the pixels the map ranks highest first; a f
             "restore those pixels first; the probability should rise fast (**high** area). A random map is the floor.")
 found = {n: e.map for n, e in results.items() if e is not None}
 faith = None
-with ui.guard("the faithfulness scores"):
-    try:
-        with st.spinner("Deleting and inserting pixels…"):
-            faith = faithfulness(handle.key, choice.sha, target_idx, cam_layer, tuple(found), model, analysis.tensor,
-                                 found)
-    except ImportError:
-        st.info("Deletion/insertion scores need the visattn.faithfulness module, which this installation lacks.")
+if not slow_ok:
+    st.caption("Computed with the slow methods (button above).")
+else:
+    with ui.guard("the faithfulness scores"):
+        try:
+            with st.spinner("Deleting and inserting pixels…"):
+                faith = faithfulness(handle.key, choice.sha, target_idx, cam_layer, tuple(found), model,
+                                     analysis.tensor, found)
+        except ImportError:
+            st.info("Deletion/insertion scores need the visattn.faithfulness module, which this installation lacks.")
 if faith:
     table = [{"method": ds.METHOD_LABELS.get(n, n), "deletion AUC ↓": r["deletion_auc"],
               "insertion AUC ↑": r["insertion_auc"],
-              "time (s)": results[n].seconds if n in results and results[n] is not None else None}
+              "time (s)": results[n].seconds if results.get(n) is not None else None}
              for n, r in faith.items()]
-    c1, c2 = st.columns([1, 2])
+    c1, c2 = st.columns([2, 3])
     c1.dataframe(table, hide_index=True, column_config={
         "deletion AUC ↓": st.column_config.NumberColumn(format="%.3f"),
         "insertion AUC ↑": st.column_config.NumberColumn(format="%.3f"),
@@ -128,6 +145,9 @@ c1, c2 = st.columns([1, 2], vertical_alignment="bottom")
 with c1:
     method = st.selectbox("Method to check", available, format_func=ds.METHOD_LABELS.get, key="sanity_method",
                           index=available.index("grad_cam") if "grad_cam" in available else 0)
+if heavy:
+    n_layers = sum(1 for _, m in model.named_modules() if any(True for _ in m.parameters(recurse=False)))
+    st.caption(f"For this model the check recomputes the map {n_layers} times (once per layer): expect many minutes.")
 run_key = (handle.key, choice.sha, target_idx, method, cam_layer if method == "grad_cam" else None)
 if c2.button("Run the sanity check", key="sanity_run", disabled=not available):
     with ui.guard("the sanity check"), st.spinner(f"Randomising layers and recomputing {ds.METHOD_LABELS[method]}…"):

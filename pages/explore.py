@@ -27,7 +27,7 @@ def grid_png(model_key: str, image_sha: str, yx: tuple[float, float], alpha: flo
     return plotting.figure_to_png(fig, dpi=110)
 
 
-ui.init_state()
+ui.page_start()
 st.title("Explore: what does each attention head look at?")
 handle = ui.require_model()
 
@@ -54,8 +54,9 @@ with right:
 
 if not sites:
     st.info("This model has no self-attention layers, so there is no query to follow. "
-            "Its squeeze-and-excitation (SE) channel weights and CBAM spatial maps are shown below, "
-            "and the Compare page shows gradient-based explanations.")
+            + ("Its squeeze-and-excitation (SE) channel weights and CBAM spatial maps are shown below; "
+               if trace.channel or trace.spatial else "It has no SE or CBAM attention either; ")
+            + "the Compare page shows gradient-based explanations.")
 else:
     st.header("Every layer and head, for this query")
     names = list(sites)
@@ -84,8 +85,8 @@ else:
                    f"{site.similarity} similarity), {'mean of heads' if head is None else f'head {head}'}: "
                    "the weights the layer really used, the raw dot product q·k, the cosine similarity and the "
                    "textbook softmax(q·k/√d_k).")
-        fig = plotting.similarity_figure(analysis.image, sim, yx, cmap)
-        fig.update_layout(height=440, font={"size": 14})
+        fig = ds.fix_colorscales(plotting.similarity_figure(ds.shrink(analysis.image, 128), sim, yx, cmap), cmap)
+        fig.update_layout(height=380, font={"size": 14})
         ui.show_fig(fig, key="explore_similarity")
 
     st.header("Averaged over heads, and rolled out through the layers")

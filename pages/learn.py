@@ -27,7 +27,7 @@ def big(text: str) -> None:
     st.markdown(f"<div style='font-size:1.3rem;line-height:1.6'>{text}</div>", unsafe_allow_html=True)
 
 
-ui.init_state()
+ui.page_start()
 st.title("Learn: how self-attention works, step by step")
 big("Every position of the image asks a <b>question</b> (its query <b>Q</b>), offers a <b>label</b> (its key "
     "<b>K</b>) and carries some <b>content</b> (its value <b>V</b>). A position looks at the others whose labels "
@@ -47,10 +47,12 @@ if analysis is None:
     st.stop()
 sites = analysis.trace.attention
 if not sites:
+    other = analysis.trace.channel or analysis.trace.spatial
     st.info(f"{handle.meta.get('model', 'This model')} has no self-attention layers, so there are no queries, keys "
-            "and values to show. It may use other kinds of attention: squeeze-and-excitation (SE) weighs whole "
-            "channels and CBAM weighs image regions. See them on the Explore page. To follow these steps, pick a "
-            "model with self-attention (sa_cnn, hybrid_vit or a ViT) in the sidebar.")
+            "and values to show. "
+            + ("It uses other kinds of attention: squeeze-and-excitation (SE) weighs whole channels and CBAM weighs "
+               "image regions; see them on the Explore page. " if other else "")
+            + "To follow these steps, pick a model with self-attention (sa_cnn, hybrid_vit or a ViT) in the sidebar.")
     st.stop()
 
 with right:

@@ -29,7 +29,7 @@ def head_stats(model_key: str, data: str, n: int, _model, _meta, _split):
     return ds.head_statistics(_model, _meta, _split.subset(n, seed=1).images)
 
 
-ui.init_state()
+ui.page_start()
 st.title("Models")
 
 st.header("The zoo")
@@ -116,7 +116,8 @@ st.header("What do the heads do?")
 with ui.guard("the head statistics"), st.spinner(f"Capturing attention on {HEAD_STAT_IMAGES} test images…"):
     stats = head_stats(handle.key, str(path), HEAD_STAT_IMAGES, handle.model, handle.meta, split)
     if not stats:
-        st.info("This model has no self-attention layers. Its SE and CBAM maps are on the Explore page.")
+        st.info("This model has no self-attention layers, so there are no heads to measure."
+                + (" Its SE and CBAM maps are on the Explore page." if handle.meta.get("model") == "cbam_cnn" else ""))
     else:
         st.markdown(f"Averaged over {HEAD_STAT_IMAGES} test images. **Entropy** is low when a head looks at a few "
                     "places, high (up to the dashed line) when it spreads its attention evenly. **Mean attention "

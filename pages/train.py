@@ -17,7 +17,7 @@ from visattn import dashboard_support as ds  # noqa: E402
 from visattn.errors import VisattnError  # noqa: E402
 from visattn.models.attention import POS_ENCODINGS, SIMILARITIES  # noqa: E402
 
-ui.init_state()
+ui.page_start()
 st.title("Train a model")
 st.markdown("Train a small model on the CIFAR-10 training set in the background, watch its loss and accuracy, "
             "and see its attention sharpen epoch by epoch. Finished checkpoints land in runs/ and appear in the "
@@ -54,7 +54,7 @@ if submitted:
         argv = ds.train_argv(name.strip(), model, int(epochs), int(width), int(heads), similarity, pos, int(subset),
                              data=path)
         proc = ds.start_training(name.strip(), argv)
-        st.session_state["train_monitor"] = f"runs/{name.strip()}"
+        st.session_state["train_pending"] = f"runs/{name.strip()}"  # shown once its metrics file exists
         st.success(f"Started {name.strip()} (process {proc.pid}).")
         st.code(" ".join(argv[1:]), language="bash")
 
@@ -75,13 +75,24 @@ if not files:
     st.info("No metrics yet: start a run above (the default model's training also writes "
             "checkpoints/sa_cnn.metrics.jsonl).")
     st.stop()
+pending = st.session_state.get("train_pending")
+if pending in files:
+    st.session_state["train_monitor"] = pending
+    del st.session_state["train_pending"]
+elif pending:
+    st.info(f"{pending} is loading the data set; its curves appear here as soon as it writes its first numbers.")
 label = ui.persistent(st.selectbox, "Run", "train_monitor", options=list(files),
                       help="runs/ holds runs started here; checkpoints/ the shipped models' training")
-live = st.toggle("Live update every 2 s", value=bool(running), key="train_live")
+fresh = time.time() - files[label].stat().st_mtime < 120  # written in the last two minutes: probably training
+live = st.toggle("Live update every 2 s", value=bool(running) or fresh or bool(pending), key=f"train_live_{label}")
 
 
 @st.fragment(run_every=2 if live else None)
 def monitor() -> None:
+    if running and ds.running().keys() != running.keys():
+        st.rerun(scope="app")  # a run ended: refresh the Stop buttons and the sidebar's checkpoints
+    if pending and pending not in files and pending in ds.metric_files():
+        st.rerun(scope="app")  # the new run wrote its first metrics: switch to it
     with ui.guard("the run monitor"):
         show_run(files[label])
 
@@ -117,8 +128,8 @@ def show_run(metrics: Path) -> None:
                                           st.session_state["cmap"], height=420), key="train_probe")
     elif epochs_done:
         st.caption("This model has no self-attention, so there is no attention map to follow.")
-    log_path = metrics.with_name(metrics.name.removesuffix(".metrics.jsonl") + ".log")
-    text = ds.tail(log_path)
+    stem = metrics.name.removesuffix(".metrics.jsonl")
+    text = ds.tail(metrics.with_name(stem + ".log")) or ds.tail(ds.RUNS_DIR / f"{stem}.log")
     if text:
         with st.expander("Log (last lines)"):
             st.code(text, language=None)

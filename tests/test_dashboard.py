@@ -4,10 +4,13 @@ and the plain helpers behind it (visattn/dashboard_support.py).
 AppTest runs the scripts in this process, so the model cache is shared between tests
 and calls can be counted by patching ``visattn.inference.analyse_tensor``.
 
-Two AppTest details: pages are also run on their own (``AppTest.from_file("pages/x.py")``:
-a page then draws the sidebar model picker itself), and :func:`nav_fix` keeps AppTest
-from treating ``pages/`` as an old-style pages directory on reruns (see its docstring).
-Uploads go through the real ``st.file_uploader`` (AppTest 1.67 can set its files).
+Pages are also run on their own (``AppTest.from_file("pages/x.py")``): a page then draws
+the sidebar model picker itself. Through dashboard.py, AppTest treats ``pages/`` as an
+old-style pages folder on reruns (it resets Streamlit's flag before each run) and runs the
+page alone; ``_shared.page_start`` clears the flag and reruns, as it does for a first visit
+to a page URL on a fresh server, so the test below also checks that fix (dashboard.py's
+sidebar is there on every page). Uploads go through the real ``st.file_uploader``
+(AppTest 1.67 can set its files).
 """
 from __future__ import annotations
 
@@ -39,23 +42,6 @@ needs_checkpoint = pytest.mark.skipif(
     not DEFAULT_CKPT.is_file(),
     reason="checkpoints/sa_cnn.safetensors is absent (it appears after the first epoch of `make train-default`)",
 )
-
-
-@pytest.fixture()
-def nav_fix(monkeypatch):
-    """AppTest resets ``PagesManager.uses_pages_directory`` before every run, and a
-    ``pages/`` folder beside the script then makes reruns execute the page alone (v1
-    multipage mode), skipping dashboard.py. A real server clears the flag once
-    ``st.navigation`` is called; do the same here."""
-    from streamlit.runtime.pages_manager import PagesManager
-
-    original = PagesManager.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        PagesManager.uses_pages_directory = False
-
-    monkeypatch.setattr(PagesManager, "__init__", init)
 
 
 def app(script: str = "dashboard.py"):
@@ -94,7 +80,7 @@ def to_upload_mode(at):
 
 # ----------------------------------------------------------------------------- AppTest: pages
 @needs_checkpoint
-def test_every_page_renders_on_the_default_checkpoint(nav_fix):
+def test_every_page_renders_on_the_default_checkpoint():
     at = app().run()
     assert not at.exception, problems(at)
     assert not errors(at), errors(at)
@@ -175,6 +161,23 @@ def test_query_change_does_not_run_the_model_again(monkeypatch):
         hook.remove()
     assert not at.exception and not at.error, (problems(at), errors(at))
     assert calls == [1] and forwards == []
+
+
+@needs_checkpoint
+def test_checkpoint_upload_is_validated(tmp_path):
+    at = app("pages/learn.py").run()
+    at.radio(key="model_source").set_value("Upload .safetensors").run()
+    assert not at.exception, problems(at)
+    for name, data in [("junk.safetensors", b"\x00" * 64), ("text.safetensors", b"hello" * 100),
+                       ("huge_header.safetensors", (10**12).to_bytes(8, "little") + b"{}")]:
+        at.file_uploader(key="checkpoint_upload").set_value((name, data, "application/octet-stream")).run()
+        assert not at.exception, (name, problems(at))
+        assert len(at.error) == 1 and "\n" not in at.error[0].value, (name, errors(at))
+    data = DEFAULT_CKPT.read_bytes()
+    at.file_uploader(key="checkpoint_upload").set_value(("mine.safetensors", data, "application/octet-stream")).run()
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    handle = at.session_state["model_handle"]
+    assert handle.key == f"upload:{ds.sha256(data)}" and handle.meta["model"] == "sa_cnn"
 
 
 @needs_checkpoint

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override, repeatable")
     t.add_argument("--resume", action="store_true", help="continue from OUT's .state.safetensors")
-    for name, typ in [("epochs", int), ("batch-size", int), ("lr", float), ("weight-decay", float), ("label-smoothing", float),
+    for name, typ in [("optimizer", str), ("epochs", int), ("batch-size", int), ("lr", float), ("weight-decay", float), ("label-smoothing", float),
                       ("cutout", int), ("subset", int), ("eval-subset", int), ("seed", int), ("cache", str), ("stop-after", int)]:
         t.add_argument(f"--{name}", type=typ)
     t.add_argument("--compile", action="store_true", default=None)
@@ -192,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except VisattnError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unwritable output, full disk, missing file: one line, not a traceback
+        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -449,6 +449,20 @@ METHOD_LABELS = {
 }
 
 
+SLOW_METHODS = ("integrated_gradients", "occlusion")
+HEAVY_PARAMS = 20_000_000
+HEAVY_SIDE = 96
+
+
+def is_heavy(model: nn.Module, meta: dict[str, Any]) -> bool:
+    """Whether integrated gradients, occlusion and deletion/insertion take minutes on a CPU
+    (a ViT-B/16 at 224 px does; the CIFAR models at 32 px take seconds)."""
+    from visattn.inference import input_size
+
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return on_cpu and (sum(p.numel() for p in model.parameters()) > HEAVY_PARAMS or input_size(meta) > HEAVY_SIDE)
+
+
 def explain_one(model: nn.Module, tensor: torch.Tensor, method: str, target: int, layer: str | None = None):
     """One ``visattn.explain`` method (``layer``: Grad-CAM's); None when it does not apply
     (attention maps of a model without attention)."""
@@ -461,6 +475,9 @@ def explain_one(model: nn.Module, tensor: torch.Tensor, method: str, target: int
         raise VisattnError(f"unknown method {method!r}; known: {', '.join(fns)}")
     if method == "grad_cam":
         return fns[method](model, tensor, target, layer=layer)
+    if method == "occlusion":  # the patch grows with the image: about 15×15 positions whatever the size
+        side = int(tensor.shape[-1])
+        return fns[method](model, tensor, target, window=max(4, side // 8), stride=max(2, side // 16))
     return fns[method](model, tensor, target)
 
 
@@ -676,10 +693,22 @@ def tail(path: str | os.PathLike, lines: int = 15, max_bytes: int = 16384) -> st
 FONT = 16  # readable on a projector
 
 
-def _scale(cmap: str) -> list[list]:
-    from visattn.plotting import _plotly_scale
+def plotly_scale(cmap: str, n: int = 11) -> list[list]:
+    """A matplotlib colormap as a plotly colour scale of ``rgb(r,g,b)`` strings.
 
-    return _plotly_scale(cmap)
+    (Hex strings such as inferno's ``#000004`` are misread by plotly.js in the browser,
+    which paints the low end of the scale pink.)
+    """
+    import matplotlib
+
+    cm = matplotlib.colormaps[cmap]
+    return [[i / (n - 1), "rgb({},{},{})".format(*(round(255 * c) for c in cm(i / (n - 1))[:3]))] for i in range(n)]
+
+
+def fix_colorscales(fig, cmap: str):
+    """Give every heatmap of ``fig`` the :func:`plotly_scale` of ``cmap`` (in place; returns fig)."""
+    fig.update_traces(colorscale=plotly_scale(cmap), selector={"type": "heatmap"})
+    return fig
 
 
 def heatmap_figure(m: np.ndarray, title: str, colorbar: str, cell: tuple[int, int] | None = None,
@@ -689,7 +718,7 @@ def heatmap_figure(m: np.ndarray, title: str, colorbar: str, cell: tuple[int, in
     import plotly.graph_objects as go
 
     m = np.asarray(m, dtype=np.float64)
-    hm = go.Heatmap(z=m, colorscale=_scale(cmap), colorbar={"title": {"text": colorbar, "side": "right"}},
+    hm = go.Heatmap(z=m, colorscale=plotly_scale(cmap), colorbar={"title": {"text": colorbar, "side": "right"}},
                     hovertemplate="row %{y}, col %{x}: %{z:" + fmt + "}<extra></extra>")
     if text and m.size <= 256:
         hm.update(text=[[format(v, fmt) for v in row] for row in m], texttemplate="%{text}",

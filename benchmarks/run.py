@@ -1,0 +1,264 @@
+"""`make bench`: every benchmark, written to benchmarks/results.md and results.json.
+
+Each figure is a ratio against a baseline measured in the same run, with absolute times.
+    python -m benchmarks.run                      # everything
+    python -m benchmarks.run --only capture train # some sections
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = Path(__file__).resolve().parent
+DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
+sys.path.insert(0, str(ROOT))
+
+from visattn import capture, create_model  # noqa: E402
+from visattn.zoo import DEFAULT_CHECKPOINT, load_model  # noqa: E402
+
+
+def timeit(fn: Callable[[], Any], repeat: int = 20, warmup: int = 3) -> float:
+    """Median seconds of ``fn`` over ``repeat`` calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def default_model() -> tuple[torch.nn.Module, dict]:
+    if DEFAULT_CHECKPOINT.exists():
+        return load_model(str(DEFAULT_CHECKPOINT))
+    return create_model("sa_cnn").eval(), {"mean": [0.5] * 3, "std": [0.25] * 3, "classes": [str(i) for i in range(10)]}
+
+
+# ----------------------------------------------------------------------------- capture vs plain forward
+def bench_capture() -> list[dict]:
+    model, _ = default_model()
+    rows = []
+    for batch in (1, 64):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            plain = timeit(lambda: model(x), repeat=30 if batch == 1 else 10)
+        cap = timeit(lambda: capture(model, x), repeat=30 if batch == 1 else 10)
+        rows.append({"what": f"capture, batch {batch}", "baseline": "plain forward", "seconds": cap,
+                     "baseline_seconds": plain, "ratio": cap / plain, "target": "≤ 1.5"})
+    return rows
+
+
+# ----------------------------------------------------------------------------- training throughput
+SEED_LOOP = r'''
+import sys, time, torch, torchvision, torchvision.transforms as T
+sys.path.insert(0, sys.argv[1])
+from visattn import create_model
+torch.manual_seed(0)
+tf = T.Compose([T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+ds = torchvision.datasets.ImageFolder(sys.argv[2] + "/train", transform=tf)
+ds = torch.utils.data.Subset(ds, torch.randperm(len(ds))[: int(sys.argv[3])].tolist())
+loader = torch.utils.data.DataLoader(ds, batch_size=100, shuffle=True, num_workers=2)
+model = create_model("sa_cnn").train()
+opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+crit = torch.nn.CrossEntropyLoss()
+t, n = time.perf_counter(), 0
+for x, y in loader:
+    opt.zero_grad(); loss = crit(model(x), y); loss.backward(); opt.step(); n += len(y)
+print(n / (time.perf_counter() - t))
+'''
+
+
+def bench_train(n: int = 4096) -> list[dict]:
+    """Our loop (cached uint8, batched augmentation, channels_last, batch 512) against the
+    seed's (ImageFolder + transforms + DataLoader, batch 100), same model, same images."""
+    import tempfile
+
+    from visattn.train import TrainConfig, train
+
+    seed = float(subprocess.run([sys.executable, "-c", SEED_LOOP, str(ROOT), str(DATA), str(n)],
+                                capture_output=True, text=True, check=True).stdout.split()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "b.safetensors"
+        train(TrainConfig(data=str(DATA), out=str(out), epochs=1, subset=n, eval_subset=100, log_every=1))
+        lines = [json.loads(l) for l in out.with_name("b.metrics.jsonl").read_text().splitlines()]
+    ours = next(l for l in lines if l["type"] == "epoch")["img_per_s"]
+    return [{"what": "training images/s (sa_cnn, CPU)", "baseline": "seed loop (DataLoader, batch 100)",
+             "value": ours, "baseline_value": seed, "ratio": ours / seed, "target": "≥ 2"}]
+
+
+# ----------------------------------------------------------------------------- explanations
+def bench_explain() -> list[dict]:
+    from visattn import explain
+
+    model, _ = default_model()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        plain = timeit(lambda: model(x), repeat=20)
+    rows = []
+    calls = {"attention": lambda: explain.attention_map(model, x), "rollout": lambda: explain.rollout(model, x),
+             "grad_cam": lambda: explain.grad_cam(model, x), "integrated_gradients (50 steps)":
+             lambda: explain.integrated_gradients(model, x, steps=50), "saliency": lambda: explain.saliency(model, x),
+             "occlusion (4×4, stride 2)": lambda: explain.occlusion(model, x)}
+    for name, fn in calls.items():
+        s = timeit(fn, repeat=5, warmup=1)
+        rows.append({"what": f"explain: {name}", "baseline": "plain forward", "seconds": s,
+                     "baseline_seconds": plain, "ratio": s / plain})
+    return rows
+
+
+# ----------------------------------------------------------------------------- the dashboard's server side
+def bench_dashboard() -> list[dict]:
+    """A new upload (bytes -> analysis -> figures) and a query change (no model run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from PIL import Image
+
+    from visattn.inference import analyse, layer_head_maps
+    from visattn.maps import grid_index, query_maps, rollout_map
+    from visattn.plotting import overlay_grid_figure, similarity_figure, topk_bar_figure
+
+    model, meta = default_model()
+    buf = io.BytesIO()
+    Image.fromarray((torch.rand(96, 128, 3) * 255).byte().numpy()).save(buf, "JPEG")
+    data = buf.getvalue()
+
+    def figures(a, y: float, x: float) -> None:
+        site = list(a.trace.attention.values())[-1]
+        q = grid_index(site, y, x)
+        similarity_figure(a.image, {k: v.mean(0) if v.ndim == 3 else v for k, v in query_maps(site, 0, q).items()
+                                    if k != "attention_mean"}, (y, x))
+        overlay_grid_figure(a.image, layer_head_maps(a, q), 0.5, "inferno", (y, x))
+
+    def upload() -> None:
+        a = analyse(model, meta, data)
+        topk_bar_figure(a.classes, a.probs)
+        rollout_map(list(a.trace.attention.values()), 0)
+        figures(a, 0.5, 0.5)
+
+    a = analyse(model, meta, data)
+    with torch.no_grad():
+        plain = timeit(lambda: model(a.tensor), repeat=20)
+    up = timeit(upload, repeat=10)
+    click = timeit(lambda: figures(a, 0.2, 0.7), repeat=10)
+    return [
+        {"what": "new upload, bytes to figures (server side)", "baseline": "plain forward", "seconds": up,
+         "baseline_seconds": plain, "ratio": up / plain, "target": "< 300 ms"},
+        {"what": "query click: maps and figures, no model run", "baseline": "plain forward", "seconds": click,
+         "baseline_seconds": plain, "ratio": click / plain, "target": "< 50 ms"},
+    ]
+
+
+# ----------------------------------------------------------------------------- scaling with tokens
+SCALE_ONE = r'''
+import json, resource, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from visattn import capture, create_model
+from visattn.models.attention import SpatialSelfAttention2d
+kind, size, budget = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.manual_seed(0)
+if kind == "grid":
+    model = SpatialSelfAttention2d(64, 4, (size, size)).eval(); x = torch.randn(1, 64, size, size)
+else:
+    model = create_model("vit_b_16", image_size=size).eval(); x = torch.randn(1, 3, size, size)
+with torch.no_grad(): model(x)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter(); tr = capture(model, x, budget_bytes=budget); dt = time.perf_counter() - t
+s = next(iter(tr.attention.values()))
+t = time.perf_counter(); s.row(0, s.q.shape[2] // 2); row = time.perf_counter() - t
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"seconds": dt, "row_seconds": row, "peak_mb": (peak - base) / 1024, "tokens": s.q.shape[2]}))
+'''
+
+
+def bench_scaling() -> list[dict]:
+    rows = []
+    cases = [("grid", s) for s in (8, 16, 32, 64)] + [("vit_b_16", 224), ("vit_b_16", 384)]
+    for kind, size in cases:
+        res = {}
+        for mode, budget in (("full", 2**40), ("on-demand", 0)):
+            r = subprocess.run([sys.executable, "-c", SCALE_ONE, str(ROOT), kind, str(size), str(budget)],
+                               capture_output=True, text=True, check=True)
+            res[mode] = json.loads(r.stdout.split("\n")[-2])
+        label = f"{size}×{size} grid (C=64, 4 heads)" if kind == "grid" else f"ViT-B/16 at {size} px"
+        rows.append({"what": f"capture scaling: {label}, {res['full']['tokens']} tokens", "baseline": "full matrices",
+                     "seconds": res["on-demand"]["seconds"], "baseline_seconds": res["full"]["seconds"],
+                     "ratio": res["on-demand"]["seconds"] / res["full"]["seconds"],
+                     "peak_mb": res["on-demand"]["peak_mb"], "baseline_peak_mb": res["full"]["peak_mb"],
+                     "row_ms": res["on-demand"]["row_seconds"] * 1000, "tokens": res["full"]["tokens"]})
+    plot_scaling(rows)
+    return rows
+
+
+def plot_scaling(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = [r for r in rows if "grid" in r["what"]]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    n = [r["tokens"] for r in grid]
+    a1.loglog(n, [r["baseline_seconds"] for r in grid], "o-", label="full matrices")
+    a1.loglog(n, [r["seconds"] for r in grid], "s-", label="on-demand rows")
+    a1.set(xlabel="tokens", ylabel="capture seconds", title="capture time")
+    a2.loglog(n, [max(r["baseline_peak_mb"], 0.1) for r in grid], "o-", label="full matrices")
+    a2.loglog(n, [max(r["peak_mb"], 0.1) for r in grid], "s-", label="on-demand rows")
+    a2.set(xlabel="tokens", ylabel="peak extra memory (MB)", title="capture memory")
+    for a in (a1, a2):
+        a.legend()
+        a.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(OUT / "scaling.png", dpi=100)
+
+
+SECTIONS = {"capture": bench_capture, "train": bench_train, "explain": bench_explain,
+            "dashboard": bench_dashboard, "scaling": bench_scaling}
+
+
+def fmt(r: dict) -> str:
+    if "value" in r:
+        a, b = f"{r['value']:.0f} img/s", f"{r['baseline_value']:.0f} img/s"
+    else:
+        a, b = f"{r['seconds'] * 1000:.1f} ms", f"{r['baseline_seconds'] * 1000:.1f} ms"
+    extra = f"; peak {r['peak_mb']:.0f} MB vs {r['baseline_peak_mb']:.0f} MB, one row {r['row_ms']:.2f} ms" if "peak_mb" in r else ""
+    return f"| {r['what']} | {a} | {r['baseline']}: {b} | {r['ratio']:.2f}× | {r.get('target', '')}{extra} |"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--only", nargs="*", choices=sorted(SECTIONS), default=None)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    results: dict[str, list[dict]] = {}
+    for name in args.only or SECTIONS:
+        print(f"running {name} ...", flush=True)
+        results[name] = SECTIONS[name]()
+    old = json.loads((OUT / "results.json").read_text()) if (OUT / "results.json").exists() else {}
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    data = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine,
+            "sections": {**old.get("sections", {}), **results}}
+    (OUT / "results.json").write_text(json.dumps(data, indent=2))
+    lines = [f"# Benchmark results\n\n{data['date']}, {machine}, "
+             f"CUDA: {torch.cuda.is_available()}.\n\n| what | time | baseline | ratio | target / notes |\n|---|---|---|---|---|"]
+    for rows in data["sections"].values():
+        lines += [fmt(r) for r in rows]
+    (OUT / "results.md").write_text("\n".join(lines) + "\n\n![scaling](scaling.png)\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
