@@ -15,7 +15,7 @@ if str(ROOT) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-st.set_page_config(layout="wide", page_title="visattn", page_icon="👁️")
+st.set_page_config(layout="wide", page_title="visattn", page_icon=":material/visibility:")
 
 from pages import _shared as ui  # noqa: E402
 
@@ -23,11 +23,11 @@ ui.init_state()  # every session-state key, once
 st.session_state["_in_dashboard"] = True  # pages use the sidebar picker below, not their own
 
 pg = st.navigation([
-    st.Page("pages/explore.py", title="Explore", icon="🔎", default=True),
-    st.Page("pages/compare.py", title="Compare", icon="⚖️"),
-    st.Page("pages/train.py", title="Train", icon="🏋️"),
-    st.Page("pages/models.py", title="Models", icon="📊"),
-    st.Page("pages/learn.py", title="Learn", icon="🎓"),
+    st.Page("pages/explore.py", title="Explore", icon=":material/search:", default=True),
+    st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
+    st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("pages/models.py", title="Models", icon=":material/leaderboard:"),
+    st.Page("pages/learn.py", title="Learn", icon=":material/school:"),
 ])
 ui.model_picker()
 pg.run()

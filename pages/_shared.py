@@ -110,6 +110,12 @@ def guard(what: str = "") -> Iterator[None]:
         st.error(f"Something went wrong{f' in {what}' if what else ''}: {type(e).__name__}: {one_line(e)}")
 
 
+def run(page: Callable[[], None]) -> None:
+    """Run a page body under :func:`guard`: whatever escapes it is one ``st.error`` line."""
+    with guard("this page"):
+        page()
+
+
 def persistent(widget: Callable[..., Any], label: str, key: str, *args: Any,
                options: list | None = None, **kwargs: Any) -> Any:
     """Draw ``widget`` editing ``st.session_state[key]``, which survives page switches.
@@ -247,7 +253,7 @@ def test_split(path: str):
 
 
 def test_split_or_none():
-    """The test split, or None (with the reason logged) when the data set is absent."""
+    """The test split, or None when the data set is absent."""
     path = ds.data_path()
     if not ds.data_available(path):
         return None
@@ -316,18 +322,6 @@ def analysis_for(handle: ModelHandle, choice: ImageChoice):
         log.exception("analysing an image")
         st.error(f"cannot analyse this image: {type(e).__name__}: {one_line(e)}")
     return None
-
-
-def model_and_image(key: str = "image", columns: bool = True):
-    """The usual page start: (handle, choice, analysis); stops the page when one is missing."""
-    handle = require_model()
-    choice = image_source(key)
-    if choice is None:
-        st.stop()
-    analysis = analysis_for(handle, choice)
-    if analysis is None:
-        st.stop()
-    return handle, choice, analysis
 
 
 def prediction_caption(analysis, choice: ImageChoice) -> str:

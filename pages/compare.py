@@ -34,131 +34,140 @@ def sanity(model_key: str, image_sha: str, target: int, method: str, layer: str 
     return ds.sanity(_model, _tensor, target, method, layer)
 
 
-ui.page_start()
-st.title("Compare: attention beside other explanations")
-st.markdown("Attention shows where the model *routes information*; the other methods ask which pixels *change "
-            "the score* of a class. Compare them on one image, then test how faithful each map is.")
-handle = ui.require_model()
+def main() -> None:
+    st.title("Compare: attention beside other explanations")
+    st.markdown("Attention shows where the model *routes information*; the other methods ask which pixels *change "
+                "the score* of a class. Compare them on one image, then test how faithful each map is.")
+    handle = ui.require_model()
 
-left, right = st.columns([1, 2], gap="large")
-with left:
-    choice = ui.image_source("compare")
-if choice is None:
-    st.stop()
-analysis = ui.analysis_for(handle, choice)
-if analysis is None:
-    st.stop()
-model, classes = handle.model, analysis.classes
+    left, right = st.columns([1, 2], gap="large")
+    with left:
+        choice = ui.image_source("compare")
+    if choice is None:
+        st.stop()
+    analysis = ui.analysis_for(handle, choice)
+    if analysis is None:
+        st.stop()
+    model, classes = handle.model, analysis.classes
 
-with left:
-    st.image(ds.enlarge(analysis.image, 256), caption="what the model sees")
-with right:
-    st.markdown(ui.prediction_caption(analysis, choice))
-    c1, c2 = st.columns(2)
-    with c1:
-        target = ui.persistent(st.selectbox, "Explain the class", "target", options=[-1, *range(len(classes))],
-                               format_func=lambda t: f"predicted: {classes[analysis.predicted]}" if t == -1
-                               else classes[t])
-    cam_layers = explain.list_cam_layers(model)
-    if st.session_state.get("cam_layer") not in cam_layers:
-        with ui.guard("Grad-CAM layers"):
-            st.session_state["cam_layer"] = explain.default_cam_layer(model)
-    with c2:
-        cam_layer = ui.persistent(st.selectbox, "Grad-CAM layer", "cam_layer", options=cam_layers or [None],
-                                  help="Grad-CAM weighs this layer's feature maps by their gradients.")
-    alpha, cmap = ui.look_controls()
-target_idx = analysis.predicted if target == -1 else int(target)
+    with left:
+        st.image(ds.enlarge(analysis.image, 256), caption="what the model sees")
+    with right:
+        st.markdown(ui.prediction_caption(analysis, choice))
+        c1, c2 = st.columns(2)
+        with c1:
+            target = ui.persistent(st.selectbox, "Explain the class", "target", options=[-1, *range(len(classes))],
+                                   format_func=lambda t: f"predicted: {classes[analysis.predicted]}" if t == -1
+                                   else classes[t])
+        cam_layers = explain.list_cam_layers(model)
+        if st.session_state.get("cam_layer") not in cam_layers:
+            with ui.guard("Grad-CAM layers"):
+                st.session_state["cam_layer"] = explain.default_cam_layer(model)
+        with c2:
+            cam_layer = ui.persistent(st.selectbox, "Grad-CAM layer", "cam_layer", options=cam_layers or [None],
+                                      help="Grad-CAM weighs this layer's feature maps by their gradients.")
+        alpha, cmap = ui.look_controls()
+    target_idx = analysis.predicted if target == -1 else int(target)
 
-st.header(f"Where each method looks for “{classes[target_idx]}”")
-heavy = ds.is_heavy(model, handle.meta)
-slow_key = (handle.key, choice.sha, target_idx)
-slow_ok = not heavy or slow_key in st.session_state.setdefault("compare_slow_ok", set())
-if not slow_ok:
-    c1, c2 = st.columns([3, 1], vertical_alignment="center")
-    c1.info("This model is large for this machine: integrated gradients, occlusion and the faithfulness curves "
-            "take minutes here. The quick methods are shown below.")
-    if c2.button("Compute the slow ones too", key="compare_slow"):
-        st.session_state["compare_slow_ok"].add(slow_key)
-        slow_ok = True
-todo = [m for m in METHODS if slow_ok or m not in ds.SLOW_METHODS]
-results = {}
-bar = st.progress(0.0, text="Computing explanations…")
-for i, name in enumerate(todo):
-    bar.progress(i / len(todo), text=f"Computing {ds.METHOD_LABELS[name]}…")
-    with ui.guard(ds.METHOD_LABELS[name]):
-        results[name] = explanation(handle.key, choice.sha, name, target_idx,
-                                    cam_layer if name == "grad_cam" else None, model, analysis.tensor)
-bar.empty()
+    st.header(f"Where each method looks for “{classes[target_idx]}”")
+    heavy = ds.is_heavy(model, handle.meta)
+    slow_key = (handle.key, choice.sha, target_idx)
+    slow_ok = not heavy or slow_key in st.session_state.setdefault("compare_slow_ok", set())
+    if not slow_ok:
+        c1, c2 = st.columns([3, 1], vertical_alignment="center")
+        c1.info("This model is large for this machine: integrated gradients, occlusion and the faithfulness curves "
+                "take minutes here. The quick methods are shown below.")
+        if c2.button("Compute the slow ones too", key="compare_slow"):
+            st.session_state["compare_slow_ok"].add(slow_key)
+            slow_ok = True
+    todo = [m for m in METHODS if slow_ok or m not in ds.SLOW_METHODS]
+    results = {}
+    bar = st.progress(0.0, text="Computing explanations…")
+    for i, name in enumerate(todo):
+        bar.progress(i / len(todo), text=f"Computing {ds.METHOD_LABELS[name]}…")
+        with ui.guard(ds.METHOD_LABELS[name]):
+            results[name] = explanation(handle.key, choice.sha, name, target_idx,
+                                        cam_layer if name == "grad_cam" else None, model, analysis.tensor)
+    bar.empty()
 
-for row in (METHODS[:3], METHODS[3:]):
-    for col, name in zip(st.columns(3), row):
-        e = results.get(name)
-        with col:
-            st.subheader(ds.METHOD_LABELS[name])
-            if name not in todo:
-                st.caption("slow for this model: use the button above")
-                continue
-            if e is None:
-                st.info("Not available: this model has no self-attention layers." if name in ("attention", "rollout")
-                        else "Could not be computed (see the message above).")
-                continue
-            st.image(ds.overlay_large(analysis.image, maps.normalise(e.map), alpha, cmap), width="stretch")
-            layer_note = f" · layer {cam_layer}" if name == "grad_cam" else ""
-            st.caption(f"computed in {e.seconds:.2f} s{layer_note} · scaled from min (dark) to max (bright)")
+    for row in (METHODS[:3], METHODS[3:]):
+        for col, name in zip(st.columns(3), row):
+            e = results.get(name)
+            with col:
+                st.subheader(ds.METHOD_LABELS[name])
+                if name not in todo:
+                    st.caption("slow for this model: use the button above")
+                    continue
+                if e is None:
+                    st.info("Not available: this model has no self-attention layers."
+                            if name in ("attention", "rollout")
+                            else "Could not be computed (see the message above).")
+                    continue
+                st.image(ds.overlay_large(analysis.image, maps.normalise(e.map), alpha, cmap), width="stretch")
+                layer_note = f" · layer {cam_layer}" if name == "grad_cam" else ""
+                st.caption(f"computed in {e.seconds:.2f} s{layer_note} · scaled from min (dark) to max (bright)")
 
-st.header("How faithful is each map?")
-st.markdown("**Deletion:** blur away the pixels the map ranks highest first; a faithful map makes the class "
-            "probability fall fast (**low** area under the curve). **Insertion:** start from the blurred image and "
-            "restore those pixels first; the probability should rise fast (**high** area). A random map is the floor.")
-found = {n: e.map for n, e in results.items() if e is not None}
-faith = None
-if not slow_ok:
-    st.caption("Computed with the slow methods (button above).")
-else:
-    with ui.guard("the faithfulness scores"):
-        try:
-            with st.spinner("Deleting and inserting pixels…"):
-                faith = faithfulness(handle.key, choice.sha, target_idx, cam_layer, tuple(found), model,
-                                     analysis.tensor, found)
-        except ImportError:
-            st.info("Deletion/insertion scores need the visattn.faithfulness module, which this installation lacks.")
-if faith:
-    table = [{"method": ds.METHOD_LABELS.get(n, n), "deletion AUC ↓": r["deletion_auc"],
-              "insertion AUC ↑": r["insertion_auc"],
-              "time (s)": results[n].seconds if results.get(n) is not None else None}
-             for n, r in faith.items()]
-    c1, c2 = st.columns([2, 3])
-    c1.dataframe(table, hide_index=True, column_config={
-        "deletion AUC ↓": st.column_config.NumberColumn(format="%.3f"),
-        "insertion AUC ↑": st.column_config.NumberColumn(format="%.3f"),
-        "time (s)": st.column_config.NumberColumn(format="%.2f")})
-    with c2:
-        ui.show_fig(ds.faithfulness_figure({ds.METHOD_LABELS.get(n, n): r for n, r in faith.items()}),
-                    key="compare_faith")
-
-st.header("Sanity check: does the map depend on what the model learned?")
-st.markdown("The model's layers are re-randomised one by one, from the output down, and the map recomputed. A "
-            "map that stays the same (high rank correlation) does not depend on the learned weights: be suspicious "
-            "of it (Adebayo et al., 2018). This takes a while.")
-available = [n for n in METHODS if results.get(n) is not None]
-c1, c2 = st.columns([1, 2], vertical_alignment="bottom")
-with c1:
-    method = st.selectbox("Method to check", available, format_func=ds.METHOD_LABELS.get, key="sanity_method",
-                          index=available.index("grad_cam") if "grad_cam" in available else 0)
-if heavy:
-    n_layers = sum(1 for _, m in model.named_modules() if any(True for _ in m.parameters(recurse=False)))
-    st.caption(f"For this model the check recomputes the map {n_layers} times (once per layer): expect many minutes.")
-run_key = (handle.key, choice.sha, target_idx, method, cam_layer if method == "grad_cam" else None)
-if c2.button("Run the sanity check", key="sanity_run", disabled=not available):
-    with ui.guard("the sanity check"), st.spinner(f"Randomising layers and recomputing {ds.METHOD_LABELS[method]}…"):
-        st.session_state["sanity_result"] = (run_key, sanity(*run_key, model, analysis.tensor))
-stored = st.session_state.get("sanity_result")
-if stored and stored[0] == run_key:
-    rho, suspicious = stored[1]
-    if suspicious:
-        st.warning(f"{ds.METHOD_LABELS[method]}: the map barely changed after randomising the model "
-                   f"(final ρ = {rho[-1][1]:.2f}). It may show the image more than the model.")
+    st.header("How faithful is each map?")
+    st.markdown("**Deletion:** blur away the pixels the map ranks highest first; a faithful map makes the class "
+                "probability fall fast (**low** area under the curve). **Insertion:** start from the blurred image and "
+                "restore those pixels first; the probability should rise fast (**high** area). "
+                "A random map is the floor.")
+    found = {n: e.map for n, e in results.items() if e is not None}
+    faith = None
+    if not slow_ok:
+        st.caption("Computed with the slow methods (button above).")
     else:
-        st.success(f"{ds.METHOD_LABELS[method]}: the map changed as the weights were randomised "
-                   f"(final ρ = {rho[-1][1]:.2f}), as a faithful explanation should.")
-    ui.show_fig(ds.sanity_figure(rho, method), key="compare_sanity")
+        with ui.guard("the faithfulness scores"):
+            try:
+                with st.spinner("Deleting and inserting pixels…"):
+                    faith = faithfulness(handle.key, choice.sha, target_idx, cam_layer, tuple(found), model,
+                                         analysis.tensor, found)
+            except ImportError:
+                st.info("Deletion/insertion scores need the visattn.faithfulness module, "
+                        "which this installation lacks.")
+    if faith:
+        table = [{"method": ds.METHOD_LABELS.get(n, n), "deletion AUC ↓": r["deletion_auc"],
+                  "insertion AUC ↑": r["insertion_auc"],
+                  "time (s)": results[n].seconds if results.get(n) is not None else None}
+                 for n, r in faith.items()]
+        c1, c2 = st.columns([2, 3])
+        c1.dataframe(table, hide_index=True, column_config={
+            "deletion AUC ↓": st.column_config.NumberColumn(format="%.3f"),
+            "insertion AUC ↑": st.column_config.NumberColumn(format="%.3f"),
+            "time (s)": st.column_config.NumberColumn(format="%.2f")})
+        with c2:
+            ui.show_fig(ds.faithfulness_figure({ds.METHOD_LABELS.get(n, n): r for n, r in faith.items()}),
+                        key="compare_faith")
+
+    st.header("Sanity check: does the map depend on what the model learned?")
+    st.markdown("The model's layers are re-randomised one by one, from the output down, and the map recomputed. A "
+                "map that stays the same (high rank correlation) does not depend on the learned weights: be suspicious "
+                "of it (Adebayo et al., 2018). This takes a while.")
+    available = [n for n in METHODS if results.get(n) is not None]
+    c1, c2 = st.columns([1, 2], vertical_alignment="bottom")
+    with c1:
+        method = st.selectbox("Method to check", available, format_func=ds.METHOD_LABELS.get, key="sanity_method",
+                              index=available.index("grad_cam") if "grad_cam" in available else 0)
+    if heavy:
+        n_layers = sum(1 for _, m in model.named_modules() if any(True for _ in m.parameters(recurse=False)))
+        st.caption(f"For this model the check recomputes the map {n_layers} times (once per layer): "
+                   "expect many minutes.")
+    run_key = (handle.key, choice.sha, target_idx, method, cam_layer if method == "grad_cam" else None)
+    if c2.button("Run the sanity check", key="sanity_run", disabled=not available):
+        spinner = st.spinner(f"Randomising layers and recomputing {ds.METHOD_LABELS[method]}…")
+        with ui.guard("the sanity check"), spinner:
+            st.session_state["sanity_result"] = (run_key, sanity(*run_key, model, analysis.tensor))
+    stored = st.session_state.get("sanity_result")
+    if stored and stored[0] == run_key:
+        rho, suspicious = stored[1]
+        if suspicious:
+            st.warning(f"{ds.METHOD_LABELS[method]}: the map barely changed after randomising the model "
+                       f"(final ρ = {rho[-1][1]:.2f}). It may show the image more than the model.")
+        else:
+            st.success(f"{ds.METHOD_LABELS[method]}: the map changed as the weights were randomised "
+                       f"(final ρ = {rho[-1][1]:.2f}), as a faithful explanation should.")
+        ui.show_fig(ds.sanity_figure(rho, method), key="compare_sanity")
+
+
+ui.page_start()
+ui.run(main)

@@ -27,89 +27,94 @@ def grid_png(model_key: str, image_sha: str, yx: tuple[float, float], alpha: flo
     return plotting.figure_to_png(fig, dpi=110)
 
 
+def main() -> None:
+    st.title("Explore: what does each attention head look at?")
+    handle = ui.require_model()
+
+    left, right = st.columns([1, 1], gap="large")
+    with left:
+        choice = ui.image_source("explore")
+    if choice is None:
+        st.stop()
+    analysis = ui.analysis_for(handle, choice)
+    if analysis is None:
+        st.stop()
+    trace = analysis.trace
+    sites = trace.attention
+    layer_now = st.session_state.get("layer") if st.session_state.get("layer") in sites else next(iter(sites), None)
+
+    with left:
+        st.markdown("**Click the image** to choose the query point (the cyan cross).")
+        yx = ui.query_picker(analysis.image, sites[layer_now].grid if layer_now else None, key="explore")
+    with right:
+        st.markdown(ui.prediction_caption(analysis, choice))
+        ui.show_fig(plotting.topk_bar_figure(analysis.classes, analysis.probs, k=min(5, len(analysis.classes))),
+                    key="explore_topk")
+        alpha, cmap = ui.look_controls()
+
+    if not sites:
+        st.info("This model has no self-attention layers, so there is no query to follow. "
+                + ("Its squeeze-and-excitation (SE) channel weights and CBAM spatial maps are shown below; "
+                   if trace.channel or trace.spatial else "It has no SE or CBAM attention either; ")
+                + "the Compare page shows gradient-based explanations.")
+    else:
+        st.header("Every layer and head, for this query")
+        names = list(sites)
+        shown = names
+        if len(names) > GRID_LAYERS:
+            spread = [names[round(i * (len(names) - 1) / (GRID_LAYERS - 1))] for i in range(GRID_LAYERS)]
+            shown = st.multiselect("Layers in the grid", names, default=spread, key=f"grid_layers_{handle.key}",
+                                   help="Each extra layer adds a row of panels and takes longer to draw.") or spread
+        with ui.guard("the overlay grid"), st.spinner("Drawing the overlays…"):
+            png = grid_png(handle.key, choice.sha, tuple(yx), alpha, cmap, tuple(shown), analysis)
+            st.image(png, caption="Rows: attention layers. Columns: heads, then their mean. One shared colour scale "
+                                  "(attention weight); the cyan + marks the query.")
+            c1, c2, _ = st.columns([1, 1, 2])
+            c1.download_button("Download figure (PNG)", png, file_name="attention_layers_heads.png", mime="image/png",
+                               key="dl_png")
+            c2.download_button("Download raw maps (NPZ)",
+                               lambda: plotting.maps_to_npz(ds.raw_maps(trace, analysis.probs, yx)),
+                               file_name="attention_maps.npz", mime="application/octet-stream", key="dl_npz")
+
+        st.header("One layer, one head: how the scores are made")
+        layer, head = ui.layer_head_selectors(trace)
+        site = sites[layer]
+        with ui.guard("the similarity maps"):
+            sim = ds.similarity_maps(site, yx, head)
+            st.caption(f"Layer **{layer}** ({site.grid[0]}×{site.grid[1]} grid, {site.heads} heads, "
+                       f"{site.similarity} similarity), {'mean of heads' if head is None else f'head {head}'}: "
+                       "the weights the layer really used, the raw dot product q·k, the cosine similarity and the "
+                       "textbook softmax(q·k/√d_k).")
+            fig = ds.fix_colorscales(plotting.similarity_figure(ds.shrink(analysis.image, 128), sim, yx, cmap), cmap)
+            fig.update_layout(height=380, font={"size": 14})
+            ui.show_fig(fig, key="explore_similarity")
+
+        st.header("Averaged over heads, and rolled out through the layers")
+        with ui.guard("the averaged maps"):
+            panels = [("this query, mean of heads", sim["attention"])]
+            panels += [(f"attention received ({name})", m) for name, m in ds.received_maps(trace).items()][-2:]
+            roll = ds.rollout_or_none(trace)
+            if roll is not None:
+                panels.append(("attention rollout (all layers)", roll))
+            cols = st.columns(max(4, len(panels)))
+            for col, (title, m) in zip(cols, panels):
+                col.image(ds.overlay_large(analysis.image, maps.normalise(m), alpha, cmap), caption=title,
+                          width="stretch")
+            st.caption("Each map is scaled from its own minimum (dark) to its maximum (bright).")
+
+    if trace.channel or trace.spatial:
+        st.header("Channel (SE) and spatial (CBAM) attention")
+        with ui.guard("the SE/CBAM maps"):
+            for name, site in trace.channel.items():
+                ui.show_fig(plotting.channel_bar_figure(site.weights[0].float().cpu().numpy(),
+                                                        f"SE channel weights · {name}"), key=f"se_{name}")
+            if trace.spatial:
+                cols = st.columns(len(trace.spatial))
+                for col, (name, site) in zip(cols, trace.spatial.items()):
+                    m = site.map[0, 0].float().cpu().numpy()
+                    col.image(ds.overlay_large(analysis.image, m, alpha, cmap, vmin=0.0, vmax=1.0),
+                              caption=f"CBAM spatial map · {name} (0 = suppressed, 1 = kept)", width="stretch")
+
+
 ui.page_start()
-st.title("Explore: what does each attention head look at?")
-handle = ui.require_model()
-
-left, right = st.columns([1, 1], gap="large")
-with left:
-    choice = ui.image_source("explore")
-if choice is None:
-    st.stop()
-analysis = ui.analysis_for(handle, choice)
-if analysis is None:
-    st.stop()
-trace = analysis.trace
-sites = trace.attention
-layer_now = st.session_state.get("layer") if st.session_state.get("layer") in sites else next(iter(sites), None)
-
-with left:
-    st.markdown("**Click the image** to choose the query point (the cyan cross).")
-    yx = ui.query_picker(analysis.image, sites[layer_now].grid if layer_now else None, key="explore")
-with right:
-    st.markdown(ui.prediction_caption(analysis, choice))
-    ui.show_fig(plotting.topk_bar_figure(analysis.classes, analysis.probs, k=min(5, len(analysis.classes))),
-                key="explore_topk")
-    alpha, cmap = ui.look_controls()
-
-if not sites:
-    st.info("This model has no self-attention layers, so there is no query to follow. "
-            + ("Its squeeze-and-excitation (SE) channel weights and CBAM spatial maps are shown below; "
-               if trace.channel or trace.spatial else "It has no SE or CBAM attention either; ")
-            + "the Compare page shows gradient-based explanations.")
-else:
-    st.header("Every layer and head, for this query")
-    names = list(sites)
-    shown = names
-    if len(names) > GRID_LAYERS:
-        spread = [names[round(i * (len(names) - 1) / (GRID_LAYERS - 1))] for i in range(GRID_LAYERS)]
-        shown = st.multiselect("Layers in the grid", names, default=spread, key=f"grid_layers_{handle.key}",
-                               help="Each extra layer adds a row of panels and takes longer to draw.") or spread
-    with ui.guard("the overlay grid"), st.spinner("Drawing the overlays…"):
-        png = grid_png(handle.key, choice.sha, tuple(yx), alpha, cmap, tuple(shown), analysis)
-        st.image(png, caption="Rows: attention layers. Columns: heads, then their mean. One shared colour scale "
-                              "(attention weight); the cyan + marks the query.")
-        c1, c2, _ = st.columns([1, 1, 2])
-        c1.download_button("Download figure (PNG)", png, file_name="attention_layers_heads.png", mime="image/png",
-                           key="dl_png")
-        c2.download_button("Download raw maps (NPZ)",
-                           lambda: plotting.maps_to_npz(ds.raw_maps(trace, analysis.probs, yx)),
-                           file_name="attention_maps.npz", mime="application/octet-stream", key="dl_npz")
-
-    st.header("One layer, one head: how the scores are made")
-    layer, head = ui.layer_head_selectors(trace)
-    site = sites[layer]
-    with ui.guard("the similarity maps"):
-        sim = ds.similarity_maps(site, yx, head)
-        st.caption(f"Layer **{layer}** ({site.grid[0]}×{site.grid[1]} grid, {site.heads} heads, "
-                   f"{site.similarity} similarity), {'mean of heads' if head is None else f'head {head}'}: "
-                   "the weights the layer really used, the raw dot product q·k, the cosine similarity and the "
-                   "textbook softmax(q·k/√d_k).")
-        fig = ds.fix_colorscales(plotting.similarity_figure(ds.shrink(analysis.image, 128), sim, yx, cmap), cmap)
-        fig.update_layout(height=380, font={"size": 14})
-        ui.show_fig(fig, key="explore_similarity")
-
-    st.header("Averaged over heads, and rolled out through the layers")
-    with ui.guard("the averaged maps"):
-        panels = [("this query, mean of heads", sim["attention"])]
-        panels += [(f"attention received ({name})", m) for name, m in ds.received_maps(trace).items()][-2:]
-        roll = ds.rollout_or_none(trace)
-        if roll is not None:
-            panels.append(("attention rollout (all layers)", roll))
-        cols = st.columns(max(4, len(panels)))
-        for col, (title, m) in zip(cols, panels):
-            col.image(ds.overlay_large(analysis.image, maps.normalise(m), alpha, cmap), caption=title, width="stretch")
-        st.caption("Each map is scaled from its own minimum (dark) to its maximum (bright).")
-
-if trace.channel or trace.spatial:
-    st.header("Channel (SE) and spatial (CBAM) attention")
-    with ui.guard("the SE/CBAM maps"):
-        for name, site in trace.channel.items():
-            ui.show_fig(plotting.channel_bar_figure(site.weights[0].float().cpu().numpy(),
-                                                    f"SE channel weights · {name}"), key=f"se_{name}")
-        if trace.spatial:
-            cols = st.columns(len(trace.spatial))
-            for col, (name, site) in zip(cols, trace.spatial.items()):
-                m = site.map[0, 0].float().cpu().numpy()
-                col.image(ds.overlay_large(analysis.image, m, alpha, cmap, vmin=0.0, vmax=1.0),
-                          caption=f"CBAM spatial map · {name} (0 = suppressed, 1 = kept)", width="stretch")
+ui.run(main)

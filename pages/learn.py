@@ -27,145 +27,154 @@ def big(text: str) -> None:
     st.markdown(f"<div style='font-size:1.3rem;line-height:1.6'>{text}</div>", unsafe_allow_html=True)
 
 
-ui.page_start()
-st.title("Learn: how self-attention works, step by step")
-big("Every position of the image asks a <b>question</b> (its query <b>Q</b>), offers a <b>label</b> (its key "
-    "<b>K</b>) and carries some <b>content</b> (its value <b>V</b>). A position looks at the others whose labels "
-    "match its question, and mixes in their content. Below, every number comes from the model you picked, "
-    "on your image.")
-st.latex(r"\text{Attention}(Q, K, V) = \operatorname{softmax}\!\left(\frac{Q K^\top}{\sqrt{d_k}}\right) V"
-         r"\qquad\quad \text{output} = \text{input} + g \cdot \text{Attention}(Q, K, V)\,W_O")
+def main() -> None:
+    st.title("Learn: how self-attention works, step by step")
+    big("Every position of the image asks a <b>question</b> (its query <b>Q</b>), offers a <b>label</b> (its key "
+        "<b>K</b>) and carries some <b>content</b> (its value <b>V</b>). A position looks at the others whose labels "
+        "match its question, and mixes in their content. Below, every number comes from the model you picked, "
+        "on your image.")
+    st.latex(r"\text{Attention}(Q, K, V) = \operatorname{softmax}\!\left(\frac{Q K^\top}{\sqrt{d_k}}\right) V"
+             r"\qquad\quad \text{output} = \text{input} + g \cdot \text{Attention}(Q, K, V)\,W_O")
 
-handle = ui.require_model()
-left, right = st.columns([1, 1], gap="large")
-with left:
-    choice = ui.image_source("learn")
-if choice is None:
-    st.stop()
-analysis = ui.analysis_for(handle, choice)
-if analysis is None:
-    st.stop()
-sites = analysis.trace.attention
-if not sites:
-    other = analysis.trace.channel or analysis.trace.spatial
-    st.info(f"{handle.meta.get('model', 'This model')} has no self-attention layers, so there are no queries, keys "
-            "and values to show. "
-            + ("It uses other kinds of attention: squeeze-and-excitation (SE) weighs whole channels and CBAM weighs "
-               "image regions; see them on the Explore page. " if other else "")
-            + "To follow these steps, pick a model with self-attention (sa_cnn, hybrid_vit or a ViT) in the sidebar.")
-    st.stop()
+    handle = ui.require_model()
+    left, right = st.columns([1, 1], gap="large")
+    with left:
+        choice = ui.image_source("learn")
+    if choice is None:
+        st.stop()
+    analysis = ui.analysis_for(handle, choice)
+    if analysis is None:
+        st.stop()
+    sites = analysis.trace.attention
+    if not sites:
+        other = analysis.trace.channel or analysis.trace.spatial
+        st.info(f"{handle.meta.get('model', 'This model')} has no self-attention layers, so there are no queries, keys "
+                "and values to show. "
+                + ("It uses other kinds of attention: squeeze-and-excitation (SE) weighs whole channels and "
+                   "CBAM weighs image regions; see them on the Explore page. " if other else "")
+                + "To follow these steps, pick a model with self-attention (sa_cnn, hybrid_vit or a ViT) "
+                  "in the sidebar.")
+        st.stop()
 
-with right:
-    st.markdown(ui.prediction_caption(analysis, choice))
-    layer, head = ui.layer_head_selectors(analysis.trace)
-    if head is None:
-        st.caption("The steps follow one head at a time: showing head 0.")
-        head = 0
-    nxt = ds.next_layer(analysis.trace, layer)
+    with right:
+        st.markdown(ui.prediction_caption(analysis, choice))
+        layer, head = ui.layer_head_selectors(analysis.trace)
+        if head is None:
+            st.caption("The steps follow one head at a time: showing head 0.")
+            head = 0
+        nxt = ds.next_layer(analysis.trace, layer)
 
-    def go_next() -> None:
-        if nxt:
-            st.session_state["layer"] = nxt
+        def go_next() -> None:
+            if nxt:
+                st.session_state["layer"] = nxt
 
-site = sites[layer]
+    site = sites[layer]
 
-st.header("Pick a position")
-c1, c2 = st.columns([1, 1], gap="large")
-with c1:
-    yx = ui.query_picker(analysis.image, site.grid, key="learn", size=400)
-token = ds.query_token(site, yx)
-les = ds.lesson(site, token, head)
-where = "the extra (CLS) token" if les.cell is None else f"row {les.cell[0]}, column {les.cell[1]}"
-with c2:
-    big(f"Layer <b>{layer}</b> works on a <b>{site.grid[0]}×{site.grid[1]}</b> grid of positions "
-        f"({site.q.shape[2]} in all). You picked the cell at <b>{where}</b> (the cyan square). Click another "
-        "point of the picture, or move the sliders, to follow a different position.")
+    st.header("Pick a position")
+    c1, c2 = st.columns([1, 1], gap="large")
+    with c1:
+        yx = ui.query_picker(analysis.image, site.grid, key="learn", size=400)
+    token = ds.query_token(site, yx)
+    les = ds.lesson(site, token, head)
+    where = "the extra (CLS) token" if les.cell is None else f"row {les.cell[0]}, column {les.cell[1]}"
+    with c2:
+        big(f"Layer <b>{layer}</b> works on a <b>{site.grid[0]}×{site.grid[1]}</b> grid of positions "
+            f"({site.q.shape[2]} in all). You picked the cell at <b>{where}</b> (the cyan square). Click another "
+            "point of the picture, or move the sliders, to follow a different position.")
 
-st.header("Step 1 · Each position makes a query, a key and a value")
-big(f"The layer multiplies what it knows about each position by three learned matrices. For head {head} each "
-    f"vector has <b>{les.d_k}</b> numbers; here are the first {min(SHOWN, les.d_k)} at your position.")
-st.dataframe({"number": [f"#{i}" for i in range(SHOWN)], "query Q (the question)": first(les.q),
-              "key K (the label)": first(les.k), "value V (the content)": first(les.v)},
-             hide_index=True, width="stretch")
+    st.header("Step 1 · Each position makes a query, a key and a value")
+    big(f"The layer multiplies what it knows about each position by three learned matrices. For head {head} each "
+        f"vector has <b>{les.d_k}</b> numbers; here are the first {min(SHOWN, les.d_k)} at your position.")
+    st.dataframe({"number": [f"#{i}" for i in range(SHOWN)], "query Q (the question)": first(les.q),
+                  "key K (the label)": first(les.k), "value V (the content)": first(les.v)},
+                 hide_index=True, width="stretch")
 
-st.header("Step 2 · Compare the query with every key: the scores Q·Kᵀ")
-big("Multiply the query with each key number by number and add up: a <b>dot product</b>. A big score means "
-    "that key answers the question well.")
-c1, c2 = st.columns([3, 2])
-with c1:
-    ui.show_fig(ds.heatmap_figure(les.to_grid(les.dot), "score q·k for every position", "q·k", les.cell,
-                                  st.session_state["cmap"], height=480, text=True, fmt=".1f"), key="learn_scores")
-with c2:
-    order = np.argsort(-les.dot)[:5]
-    st.dataframe({"position": [ds.key_name(site, int(j)) for j in order],
-                  "score q·k": [float(les.dot[j]) for j in order]}, hide_index=True, width="stretch")
-    st.caption("The five highest scores.")
+    st.header("Step 2 · Compare the query with every key: the scores Q·Kᵀ")
+    big("Multiply the query with each key number by number and add up: a <b>dot product</b>. A big score means "
+        "that key answers the question well.")
+    c1, c2 = st.columns([3, 2])
+    with c1:
+        ui.show_fig(ds.heatmap_figure(les.to_grid(les.dot), "score q·k for every position", "q·k", les.cell,
+                                      st.session_state["cmap"], height=480, text=True, fmt=".1f"), key="learn_scores")
+    with c2:
+        order = np.argsort(-les.dot)[:5]
+        st.dataframe({"position": [ds.key_name(site, int(j)) for j in order],
+                      "score q·k": [float(les.dot[j]) for j in order]}, hide_index=True, width="stretch")
+        st.caption("The five highest scores.")
 
-st.header("Step 3 · Scale, then softmax: the attention weights")
-if les.similarity == "cosine":
-    scaled = (f"This layer compares by <b>cosine similarity</b> (the dot product of the vectors made unit-length, "
-              f"between −1 and 1) and multiplies by a learned temperature, <b>{les.scale:.2f}</b>.")
-else:
-    scaled = (f"Divide every score by √d_k = √{les.d_k} = <b>{np.sqrt(les.d_k):.2f}</b>, so the scores do not grow "
-              "with the vector length.")
-if les.bias is not None:
-    scaled += " It also adds a learned bonus for each relative offset (relative position bias)."
-big(scaled + " Then <b>softmax</b> turns the scores into weights: all positive, adding up to exactly 1.")
-c1, c2 = st.columns([3, 2])
-with c1:
-    ui.show_fig(ds.heatmap_figure(les.to_grid(les.weights), "attention weights", "weight", les.cell,
-                                  st.session_state["cmap"], height=480, text=True, fmt=".2f"), key="learn_weights")
-with c2:
-    st.dataframe({"key position": [t[1] for t in les.top], "weight": [t[2] for t in les.top]},
-                 hide_index=True, width="stretch",
-                 column_config={"weight": st.column_config.ProgressColumn(format="%.3f", min_value=0.0, max_value=1.0)})
-    st.metric("Sum of all the weights", f"{les.sum_weights:.6f}")
-    st.caption(f"Largest difference from the weights the layer really used: {les.weights_error:.1e}")
+    st.header("Step 3 · Scale, then softmax: the attention weights")
+    if les.similarity == "cosine":
+        scaled = (f"This layer compares by <b>cosine similarity</b> (the dot product of the vectors made unit-length, "
+                  f"between −1 and 1) and multiplies by a learned temperature, <b>{les.scale:.2f}</b>.")
+    else:
+        scaled = (f"Divide every score by √d_k = √{les.d_k} = <b>{np.sqrt(les.d_k):.2f}</b>, "
+                  "so the scores do not grow "
+                  "with the vector length.")
+    if les.bias is not None:
+        scaled += " It also adds a learned bonus for each relative offset (relative position bias)."
+    big(scaled + " Then <b>softmax</b> turns the scores into weights: all positive, adding up to exactly 1.")
+    c1, c2 = st.columns([3, 2])
+    with c1:
+        ui.show_fig(ds.heatmap_figure(les.to_grid(les.weights), "attention weights", "weight", les.cell,
+                                      st.session_state["cmap"], height=480, text=True, fmt=".2f"), key="learn_weights")
+    with c2:
+        st.dataframe({"key position": [t[1] for t in les.top], "weight": [t[2] for t in les.top]},
+                     hide_index=True, width="stretch",
+                     column_config={"weight": st.column_config.ProgressColumn(format="%.3f", min_value=0.0,
+                                                                              max_value=1.0)})
+        st.metric("Sum of all the weights", f"{les.sum_weights:.6f}")
+        st.caption(f"Largest difference from the weights the layer really used: {les.weights_error:.1e}")
 
-st.header("Step 4 · Mix the values: the weighted sum")
-big("Add up every position's value V, each multiplied by its weight. Positions with big weights contribute most. "
-    "The heads' results are put side by side and mixed by one more matrix, W<sub>O</sub>: that is the "
-    "<b>context vector</b>, what this position learned from the others.")
-data = {"number": [f"#{i}" for i in range(SHOWN)], f"head {head}: Σ weight × V": first(les.head_context)}
-if les.context is not None:
-    data["context vector (all heads, after W_O)"] = first(les.context)
-st.dataframe(data, hide_index=True, width="stretch")
-st.caption(f"Checked against the layer's own computation: largest difference {les.head_context_check:.1e}.")
+    st.header("Step 4 · Mix the values: the weighted sum")
+    big("Add up every position's value V, each multiplied by its weight. Positions with big weights contribute most. "
+        "The heads' results are put side by side and mixed by one more matrix, W<sub>O</sub>: that is the "
+        "<b>context vector</b>, what this position learned from the others.")
+    data = {"number": [f"#{i}" for i in range(SHOWN)], f"head {head}: Σ weight × V": first(les.head_context)}
+    if les.context is not None:
+        data["context vector (all heads, after W_O)"] = first(les.context)
+    st.dataframe(data, hide_index=True, width="stretch")
+    st.caption(f"Checked against the layer's own computation: largest difference {les.head_context_check:.1e}.")
 
-st.header("Step 5 · Add it back to the input")
-if les.outputs is not None:
-    big(f"The context is added to what the position already knew, through a learned gate g = <b>{les.gate:.3f}</b>: "
-        "<b>output = input + g · context</b>. The input is kept; attention only adds to it.")
-    st.dataframe({"number": [f"#{i}" for i in range(SHOWN)], "input": first(les.inputs),
-                  "g · context": first(None if les.context is None else les.gate * les.context),
-                  "input + g · context": first(les.inputs + les.gate * les.context),
-                  "output (recorded)": first(les.outputs)}, hide_index=True, width="stretch")
-    st.metric("Largest difference between input + g·context and the real output", f"{les.residual_error:.1e}",
-              help="Over all channels at this position: zero up to rounding.")
-else:
-    st.info("This model adds the context back to its input outside the attention module (in the transformer "
-            "block), so that sum was not recorded. The input and the context vector are below.")
-    if les.inputs is not None:
+    st.header("Step 5 · Add it back to the input")
+    if les.outputs is not None:
+        big("The context is added to what the position already knew, through a learned gate "
+            f"g = <b>{les.gate:.3f}</b>: "
+            "<b>output = input + g · context</b>. The input is kept; attention only adds to it.")
         st.dataframe({"number": [f"#{i}" for i in range(SHOWN)], "input": first(les.inputs),
-                      "context": first(les.context)}, hide_index=True, width="stretch")
+                      "g · context": first(None if les.context is None else les.gate * les.context),
+                      "input + g · context": first(les.inputs + les.gate * les.context),
+                      "output (recorded)": first(les.outputs)}, hide_index=True, width="stretch")
+        st.metric("Largest difference between input + g·context and the real output", f"{les.residual_error:.1e}",
+                  help="Over all channels at this position: zero up to rounding.")
+    else:
+        st.info("This model adds the context back to its input outside the attention module (in the transformer "
+                "block), so that sum was not recorded. The input and the context vector are below.")
+        if les.inputs is not None:
+            st.dataframe({"number": [f"#{i}" for i in range(SHOWN)], "input": first(les.inputs),
+                          "context": first(les.context)}, hide_index=True, width="stretch")
 
-st.subheader("→ Next layer")
-if nxt:
-    big(f"The output of every position becomes the input of the next attention layer, <b>{nxt}</b>, which "
-        "repeats the five steps.")
-    st.button(f"Go to layer {nxt}", on_click=go_next, key="learn_next")
-else:
-    big("This is the last attention layer: its output goes on to the rest of the network and the classifier.")
+    st.subheader("→ Next layer")
+    if nxt:
+        big(f"The output of every position becomes the input of the next attention layer, <b>{nxt}</b>, which "
+            "repeats the five steps.")
+        st.button(f"Go to layer {nxt}", on_click=go_next, key="learn_next")
+    else:
+        big("This is the last attention layer: its output goes on to the rest of the network and the classifier.")
 
-st.header("Dot product or cosine similarity?")
-big("Both compare the query with the keys. The <b>dot product</b> also grows with the length of the vectors; "
-    "the <b>cosine</b> only measures their direction, between −1 and 1. "
-    f"This layer uses the <b>{'cosine' if les.similarity == 'cosine' else 'dot product'}</b>.")
-c1, c2 = st.columns(2)
-with c1:
-    ui.show_fig(ds.heatmap_figure(les.to_grid(les.dot), "dot product q·k", "q·k", les.cell, st.session_state["cmap"],
-                                  height=440), key="learn_dot")
-with c2:
-    ui.show_fig(ds.heatmap_figure(les.to_grid(les.cosine), "cosine similarity cos(q, k)", "cos(q, k)", les.cell,
-                                  st.session_state["cmap"], height=440), key="learn_cos")
-st.latex(r"q \cdot k = \sum_i q_i k_i \qquad\qquad \cos(q, k) = \frac{q \cdot k}{\lVert q \rVert\,\lVert k \rVert}")
+    st.header("Dot product or cosine similarity?")
+    big("Both compare the query with the keys. The <b>dot product</b> also grows with the length of the vectors; "
+        "the <b>cosine</b> only measures their direction, between −1 and 1. "
+        f"This layer uses the <b>{'cosine' if les.similarity == 'cosine' else 'dot product'}</b>.")
+    c1, c2 = st.columns(2)
+    with c1:
+        ui.show_fig(ds.heatmap_figure(les.to_grid(les.dot), "dot product q·k", "q·k", les.cell,
+                                      st.session_state["cmap"],
+                                      height=440), key="learn_dot")
+    with c2:
+        ui.show_fig(ds.heatmap_figure(les.to_grid(les.cosine), "cosine similarity cos(q, k)", "cos(q, k)", les.cell,
+                                      st.session_state["cmap"], height=440), key="learn_cos")
+    st.latex(r"q \cdot k = \sum_i q_i k_i \qquad\qquad \cos(q, k) = \frac{q \cdot k}{\lVert q \rVert\,\lVert k \rVert}")
+
+
+ui.page_start()
+ui.run(main)

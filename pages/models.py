@@ -29,98 +29,104 @@ def head_stats(model_key: str, data: str, n: int, _model, _meta, _split):
     return ds.head_statistics(_model, _meta, _split.subset(n, seed=1).images)
 
 
-ui.page_start()
-st.title("Models")
+def main() -> None:
+    st.title("Models")
 
-st.header("The zoo")
-checkpoints = ds.list_checkpoints()
-if checkpoints:
-    st.dataframe(
-        [{"checkpoint": label, "model": m.get("model"), "test accuracy": m.get("accuracy"), "parameters": m.get("params"),
-          "epochs": m.get("epochs"), "classes": len(m.get("classes", [])), "data set": m.get("dataset"),
-          "trained on": m.get("hardware"), "date": m.get("date")} for label, m in checkpoints.items()],
-        hide_index=True,
-        column_config={"test accuracy": st.column_config.ProgressColumn(format="percent", min_value=0, max_value=1),
-                       "parameters": st.column_config.NumberColumn(format="localized")})
-    st.caption("Checkpoints in checkpoints/ and finished runs in runs/ (the Train page writes there). "
-               "Pick one in the sidebar to study it below.")
-else:
-    st.info("No checkpoint yet in checkpoints/ or runs/. The default model appears after its first training epoch.")
-
-handle = ui.require_model()
-st.header(f"On the test set: {handle.label}")
-path = ds.data_path()
-if not ds.data_available(path):
-    st.info(f"The test set is not available at {path}, so accuracy, the confusion matrix and head statistics "
-            "cannot be computed here. Set VISATTN_DATA to an image-folder data set with a test/ split.")
-    st.stop()
-split = None
-with ui.guard("the test set"):
-    split = ui.test_split_or_none()
-if split is None:
-    st.stop()
-if len(handle.meta.get("classes", [])) != len(split.classes):
-    st.info(f"This model predicts {len(handle.meta.get('classes', []))} classes; the test set at {path} has "
-            f"{len(split.classes)}. Pick a model trained on it to see its accuracy here.")
-    st.stop()
-
-n = st.slider("Test images to evaluate", 100, len(split), min(1000, len(split)), step=100, key="eval_n",
-              help="A fixed random sample; each size is computed once.")
-result = None
-with ui.guard("the evaluation"), st.spinner(f"Classifying {n} test images…"):
-    result = evaluate(handle.key, str(path), n, handle.model, handle.meta, split)
-if result is None:
-    st.stop()
-classes = list(split.classes)
-st.metric("Accuracy on this sample", f"{float(result['accuracy']):.1%}", help=f"{n} test images")
-c1, c2 = st.columns([2, 3])
-with c1:
-    ui.show_fig(ds.per_class_figure(result["per_class"], classes), key="models_per_class")
-with c2:
-    ui.show_fig(ds.confusion_figure(result["confusion"], classes), key="models_confusion")
-
-st.header("Look at the mistakes")
-conf = result["confusion"].copy()
-for i in range(len(classes)):
-    conf[i, i] = -1
-worst = divmod(int(conf.argmax()), len(classes))
-if "mistake_true" not in st.session_state:
-    st.session_state["mistake_true"], st.session_state["mistake_pred"] = worst
-c1, c2 = st.columns(2)
-true = c1.selectbox("True class", range(len(classes)), format_func=lambda i: classes[i], key="mistake_true")
-pred = c2.selectbox("Predicted as", range(len(classes)), format_func=lambda i: classes[i], key="mistake_pred")
-indices = ds.misclassified(result, true, pred)
-kind = "correct" if true == pred else "misclassified"
-st.caption(f"{len(indices)} {kind} images in the sample (true {classes[true]}, predicted {classes[pred]}); "
-           f"showing up to {MAX_SHOWN}, each with the map the model attends to.")
-alpha, cmap = ui.look_controls()
-if len(indices):
-    cols = st.columns(6)
-    with st.spinner("Analysing the images…"):
-        for j, idx in enumerate(indices[:MAX_SHOWN]):
-            data = ds.sample_png(split, int(idx))
-            choice = ui.ImageChoice(data, ds.sha256(data), f"test image {idx}", true, classes[true])
-            analysis = ui.analysis_for(handle, choice)
-            if analysis is None:
-                continue
-            shown = ds.thumbnail_map(analysis.trace)
-            col = cols[j % 6]
-            if shown is None:
-                col.image(ds.enlarge(analysis.image, 160), caption=f"#{idx} · p={analysis.probs[pred]:.0%}")
-            else:
-                what, m = shown
-                col.image(ds.overlay_large(analysis.image, maps.normalise(m), alpha, cmap, size=160),
-                          caption=f"#{idx} · p({classes[pred]})={analysis.probs[pred]:.0%} · {what}")
-
-st.header("What do the heads do?")
-with ui.guard("the head statistics"), st.spinner(f"Capturing attention on {HEAD_STAT_IMAGES} test images…"):
-    stats = head_stats(handle.key, str(path), HEAD_STAT_IMAGES, handle.model, handle.meta, split)
-    if not stats:
-        st.info("This model has no self-attention layers, so there are no heads to measure."
-                + (" Its SE and CBAM maps are on the Explore page." if handle.meta.get("model") == "cbam_cnn" else ""))
+    st.header("The zoo")
+    checkpoints = ds.list_checkpoints()
+    if checkpoints:
+        st.dataframe(
+            [{"checkpoint": label, "model": m.get("model"), "test accuracy": m.get("accuracy"),
+              "parameters": m.get("params"),
+              "epochs": m.get("epochs"), "classes": len(m.get("classes", [])), "data set": m.get("dataset"),
+              "trained on": m.get("hardware"), "date": m.get("date")} for label, m in checkpoints.items()],
+            hide_index=True,
+            column_config={"test accuracy": st.column_config.ProgressColumn(format="percent", min_value=0, max_value=1),
+                           "parameters": st.column_config.NumberColumn(format="localized")})
+        st.caption("Checkpoints in checkpoints/ and finished runs in runs/ (the Train page writes there). "
+                   "Pick one in the sidebar to study it below.")
     else:
-        st.markdown(f"Averaged over {HEAD_STAT_IMAGES} test images. **Entropy** is low when a head looks at a few "
-                    "places, high (up to the dashed line) when it spreads its attention evenly. **Mean attention "
-                    "distance** is how far, in input pixels, a head looks from each query: local heads stay near, "
-                    "global heads look across the image.")
-        ui.show_fig(ds.head_stats_figure(stats), key="models_heads")
+        st.info("No checkpoint yet in checkpoints/ or runs/. The default model appears after its first training epoch.")
+
+    handle = ui.require_model()
+    st.header(f"On the test set: {handle.label}")
+    path = ds.data_path()
+    if not ds.data_available(path):
+        st.info(f"The test set is not available at {path}, so accuracy, the confusion matrix and head statistics "
+                "cannot be computed here. Set VISATTN_DATA to an image-folder data set with a test/ split.")
+        st.stop()
+    split = None
+    with ui.guard("the test set"):
+        split = ui.test_split_or_none()
+    if split is None:
+        st.stop()
+    if len(handle.meta.get("classes", [])) != len(split.classes):
+        st.info(f"This model predicts {len(handle.meta.get('classes', []))} classes; the test set at {path} has "
+                f"{len(split.classes)}. Pick a model trained on it to see its accuracy here.")
+        st.stop()
+
+    n = st.slider("Test images to evaluate", 100, len(split), min(1000, len(split)), step=100, key="eval_n",
+                  help="A fixed random sample; each size is computed once.")
+    result = None
+    with ui.guard("the evaluation"), st.spinner(f"Classifying {n} test images…"):
+        result = evaluate(handle.key, str(path), n, handle.model, handle.meta, split)
+    if result is None:
+        st.stop()
+    classes = list(split.classes)
+    st.metric("Accuracy on this sample", f"{float(result['accuracy']):.1%}", help=f"{n} test images")
+    c1, c2 = st.columns([2, 3])
+    with c1:
+        ui.show_fig(ds.per_class_figure(result["per_class"], classes), key="models_per_class")
+    with c2:
+        ui.show_fig(ds.confusion_figure(result["confusion"], classes), key="models_confusion")
+
+    st.header("Look at the mistakes")
+    conf = result["confusion"].copy()
+    for i in range(len(classes)):
+        conf[i, i] = -1
+    worst = divmod(int(conf.argmax()), len(classes))
+    if "mistake_true" not in st.session_state:
+        st.session_state["mistake_true"], st.session_state["mistake_pred"] = worst
+    c1, c2 = st.columns(2)
+    true = c1.selectbox("True class", range(len(classes)), format_func=lambda i: classes[i], key="mistake_true")
+    pred = c2.selectbox("Predicted as", range(len(classes)), format_func=lambda i: classes[i], key="mistake_pred")
+    indices = ds.misclassified(result, true, pred)
+    kind = "correct" if true == pred else "misclassified"
+    st.caption(f"{len(indices)} {kind} images in the sample (true {classes[true]}, predicted {classes[pred]}); "
+               f"showing up to {MAX_SHOWN}, each with the map the model attends to.")
+    alpha, cmap = ui.look_controls()
+    if len(indices):
+        cols = st.columns(6)
+        with st.spinner("Analysing the images…"):
+            for j, idx in enumerate(indices[:MAX_SHOWN]):
+                data = ds.sample_png(split, int(idx))
+                choice = ui.ImageChoice(data, ds.sha256(data), f"test image {idx}", true, classes[true])
+                analysis = ui.analysis_for(handle, choice)
+                if analysis is None:
+                    continue
+                shown = ds.thumbnail_map(analysis.trace)
+                col = cols[j % 6]
+                if shown is None:
+                    col.image(ds.enlarge(analysis.image, 160), caption=f"#{idx} · p={analysis.probs[pred]:.0%}")
+                else:
+                    what, m = shown
+                    col.image(ds.overlay_large(analysis.image, maps.normalise(m), alpha, cmap, size=160),
+                              caption=f"#{idx} · p({classes[pred]})={analysis.probs[pred]:.0%} · {what}")
+
+    st.header("What do the heads do?")
+    with ui.guard("the head statistics"), st.spinner(f"Capturing attention on {HEAD_STAT_IMAGES} test images…"):
+        stats = head_stats(handle.key, str(path), HEAD_STAT_IMAGES, handle.model, handle.meta, split)
+        if not stats:
+            st.info("This model has no self-attention layers, so there are no heads to measure."
+                    + (" Its SE and CBAM maps are on the Explore page."
+                       if handle.meta.get("model") == "cbam_cnn" else ""))
+        else:
+            st.markdown(f"Averaged over {HEAD_STAT_IMAGES} test images. **Entropy** is low when a head looks at a few "
+                        "places, high (up to the dashed line) when it spreads its attention evenly. **Mean attention "
+                        "distance** is how far, in input pixels, a head looks from each query: local heads stay near, "
+                        "global heads look across the image.")
+            ui.show_fig(ds.head_stats_figure(stats), key="models_heads")
+
+
+ui.page_start()
+ui.run(main)

@@ -15,8 +15,6 @@ sidebar is there on every page). Uploads go through the real ``st.file_uploader`
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 

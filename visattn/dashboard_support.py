@@ -190,7 +190,8 @@ def query_layer_maps(trace: Trace, yx: tuple[float, float], b: int = 0) -> dict[
     return {name: query_maps(site, b, query_token(site, yx))["attention"] for name, site in trace.attention.items()}
 
 
-def similarity_maps(site: AttentionSite, yx: tuple[float, float], head: int | None, b: int = 0) -> dict[str, np.ndarray]:
+def similarity_maps(site: AttentionSite, yx: tuple[float, float], head: int | None,
+                    b: int = 0) -> dict[str, np.ndarray]:
     """``{"attention", "dot", "cosine", "softmax": (H, W)}`` of one head (None: mean of heads)."""
     from visattn.maps import query_maps
 
@@ -401,7 +402,8 @@ def evaluate_sample(model: nn.Module, meta: dict[str, Any], split, n: int = 1000
     per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
     return {
         "indices": idx.numpy(), "labels": labels.numpy(), "pred": pred.numpy(), "confusion": confusion.numpy(),
-        "per_class": per_class.numpy(), "accuracy": np.asarray((pred == labels).float().mean().item() if len(idx) else 0.0),
+        "per_class": per_class.numpy(),
+        "accuracy": np.asarray((pred == labels).float().mean().item() if len(idx) else 0.0),
     }
 
 
@@ -621,7 +623,8 @@ def start_training(name: str, argv: Sequence[str]) -> subprocess.Popen:
             raise VisattnError(f"{len(alive)} run(s) already going ({', '.join(alive)}); stop it first")
         files = run_files(name)
         files["log"].parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        paths = [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}  # visattn importable from the repo
         with open(files["log"], "wb") as log:
             proc = subprocess.Popen(list(argv), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
@@ -763,22 +766,24 @@ def curves_figure(steps: list[dict[str, Any]], epochs: list[dict[str, Any]]):
 
 
 def faithfulness_figure(results: dict[str, dict[str, Any]]):
-    """Deletion (left) and insertion (right) curves, one line per method, AUC in the legend."""
+    """Deletion (left) and insertion (right) curves, one line per method, AUCs in the legend."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("deletion: lower is better", "insertion: higher is better"))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("deletion (lower is better)", "insertion (higher is better)"))
     for i, (name, r) in enumerate(results.items()):
         colour = f"hsl({int(360 * i / max(len(results), 1))},70%,45%)"
+        label = f"{name} (AUC {r.get('deletion_auc', float('nan')):.2f} / {r.get('insertion_auc', float('nan')):.2f})"
         for col, kind in ((1, "deletion"), (2, "insertion")):
             curve = r.get(f"{kind}_curve") or []
             xs = r.get("fractions") or list(np.linspace(0, 1, len(curve)))
             fig.add_trace(go.Scatter(x=xs, y=curve, mode="lines", line={"color": colour}, legendgroup=name,
-                                     showlegend=col == 1, name=f"{name}")
-                          , 1, col)
-    fig.update_xaxes(title="fraction of pixels removed / restored", range=[0, 1])
+                                     showlegend=col == 1, name=label), 1, col)
+    fig.update_xaxes(title="fraction of pixels removed", range=[0, 1], row=1, col=1)
+    fig.update_xaxes(title="fraction of pixels restored", range=[0, 1], row=1, col=2)
     fig.update_yaxes(title="probability of the class", row=1, col=1)
-    fig.update_layout(height=400, font={"size": FONT - 2}, margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    fig.update_layout(height=520, font={"size": FONT - 2}, margin={"l": 10, "r": 10, "t": 40, "b": 10},
+                      legend={"orientation": "h", "y": -0.2})
     return fig
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import load as st_load
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from visattn.checkpoint import atomic_write, read_header, save_checkpoint, tensors_to_bytes
+from visattn.checkpoint import atomic_write, load_checkpoint, read_header, save_checkpoint, tensors_to_bytes
 from visattn.data import CIFAR10_MEAN, CIFAR10_STD, Split, augment, load_split, normalise
 from visattn.errors import TrainingError
 from visattn.models import create_model
@@ -57,6 +57,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile (CUDA)
     cache: str | None = None  # decoded data-set cache folder
     stop_after: int = 0  # stop after this many epochs of this call (tests of --resume)
+    init: str | None = None  # start from this checkpoint's weights (fine-tuning), not from scratch
 
 
 def paths(out: str) -> dict[str, Path]:
@@ -156,11 +157,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> tuple[nn.Module, dict[str, 
     if cfg.eval_subset:
         test_split = test_split.subset(cfg.eval_subset, cfg.seed)
     mean, std = CIFAR10_MEAN, CIFAR10_STD
-    model_cfg = {"num_classes": len(train_split.classes), **cfg.model_config}
-    model = create_model(cfg.model, **model_cfg)
-    stem = getattr(model, "stem", None)
-    if hasattr(stem, "fit"):
-        stem.fit(normalise(train_split.images[:5000], mean, std))
+    before = {"epochs": 0, "train_seconds": 0.0}
+    if cfg.init:
+        model, before = load_checkpoint(cfg.init)
+        if before["model"] != cfg.model:
+            raise TrainingError(f"--init {cfg.init} holds a {before['model']}, not a {cfg.model}")
+    else:
+        model = create_model(cfg.model, **{"num_classes": len(train_split.classes), **cfg.model_config})
+        stem = getattr(model, "stem", None)
+        if hasattr(stem, "fit"):
+            stem.fit(normalise(train_split.images[:5000], mean, std))
     model = model.to(device, memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     start, log = 0, {"seconds": 0.0, "best": 0.0}
@@ -234,7 +240,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> tuple[nn.Module, dict[str, 
             meta = save_checkpoint(
                 p["out"], model, classes=list(train_split.classes), mean=list(mean), std=list(std),
                 dataset=train_split.source, train_images=n, accuracy=acc, accuracy_split=f"test ({len(test_split)} images)",
-                epochs=epoch + 1, train_seconds=round(log["seconds"], 1), hardware=hardware(), train_config=asdict(cfg),
+                epochs=before["epochs"] + epoch + 1, train_seconds=round(before["train_seconds"] + log["seconds"], 1),
+                hardware=hardware(), train_config=asdict(cfg),
             )
             save_state(p["state"], model, opt, epoch + 1, cfg, log)
             print(f"epoch {epoch + 1}: loss {line['loss']:.3f} test acc {acc:.4f} ({line['img_per_s']:.0f} img/s)", flush=True)

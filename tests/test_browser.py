@@ -1,0 +1,202 @@
+"""A real browser: start the dashboard, drive Debian's headless Chromium with Selenium,
+upload a photo, click the image to set a query and check that the maps change.
+
+Screenshots go to ``$VISATTN_SCREENSHOTS`` (default: the test's temporary folder).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import DATA, DEFAULT_CKPT, ROOT
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                       reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)"),
+    pytest.mark.skipif(not DEFAULT_CKPT.exists(), reason="no default checkpoint"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "dashboard.py", "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the dashboard did not start: " + proc.stdout.read().decode()[-2000:])
+    yield url
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1600,1400",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+                "--disable-quic", f"--user-data-dir={tmp_path_factory.mktemp('chrome')}"):
+        opts.add_argument(arg)
+    d = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    d.set_page_load_timeout(60)
+    yield d
+    d.quit()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    path = Path(os.environ.get("VISATTN_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def photo(path: Path) -> Path:
+    """A photo-sized JPEG: a real CIFAR-10 test image enlarged, or a drawn scene without the data."""
+    src = next((DATA / "test" / "cat").glob("*.jpg"), None) if (DATA / "test").is_dir() else None
+    if src is not None:
+        img = Image.open(src).convert("RGB").resize((480, 480), Image.BICUBIC)
+    else:
+        img = Image.new("RGB", (480, 480), (90, 140, 200))
+        img.paste((200, 120, 60), (120, 160, 360, 420))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=92)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def wait_for(driver, predicate, timeout: float = 90, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception:  # elements come and go while Streamlit reruns
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def idle(driver, settle: float = 1.0, timeout: float = 90) -> None:
+    """Wait until Streamlit reports no script running (its status widget is gone)."""
+    from selenium.webdriver.common.by import By
+
+    time.sleep(settle)
+    wait_for(driver, lambda: not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'),
+             timeout, "the script to finish")
+
+
+def no_exception(driver) -> None:
+    from selenium.webdriver.common.by import By
+
+    assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+    assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
+
+
+def test_upload_click_query_and_every_page(server: str, driver, shots: Path, tmp_path: Path) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    driver.get(server)
+    wait_for(driver, lambda: "Explore" in driver.find_element(By.TAG_NAME, "h1").text, what="the Explore page")
+    idle(driver)
+    radio = next(e for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stRadio"] label')
+                 if "Upload an image" in e.text)
+    radio.click()
+    wait_for(driver, lambda: driver.find_elements(By.CSS_SELECTOR, 'input[type="file"]'), what="the uploader")
+    driver.find_element(By.CSS_SELECTOR, 'input[type="file"]').send_keys(str(photo(tmp_path / "photo.jpg")))
+    frame_sel = 'iframe[title*="streamlit_image_coordinates"]'
+    wait_for(driver, lambda: driver.find_elements(By.CSS_SELECTOR, frame_sel), what="the clickable image")
+    idle(driver, settle=2)
+    no_exception(driver)
+    assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentError"]')
+    body = driver.find_element(By.TAG_NAME, "body").text
+    assert "photo.jpg" in body
+    driver.save_screenshot(str(shots / "explore.png"))
+
+    def maps_digest() -> str:
+        charts = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stPlotlyChart"]')
+        return hashlib.sha256(b"".join(c.screenshot_as_png for c in charts[1:2])).hexdigest()
+
+    def slider_values() -> list[str]:
+        return [e.get_attribute("value")
+                for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stSlider"] input[type="range"]')]
+
+    before, sliders_before = maps_digest(), slider_values()
+    frame = driver.find_element(By.CSS_SELECTOR, frame_sel)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", frame)
+    w, h = frame.size["width"], frame.size["height"]
+    ActionChains(driver).move_to_element_with_offset(frame, -w // 2 + int(w * 0.15), -h // 2 + int(h * 0.2)).click().perform()
+    wait_for(driver, lambda: slider_values() != sliders_before, what="the query to move")
+    idle(driver, settle=2)
+    no_exception(driver)
+    assert maps_digest() != before, "the similarity maps did not change after the click"
+    driver.save_screenshot(str(shots / "explore_after_click.png"))
+
+    for title in ("Compare", "Train", "Models", "Learn"):
+        link = next(e for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebarNav"] a') if title in e.text)
+        link.click()
+        wait_for(driver, lambda: title in driver.find_element(By.TAG_NAME, "h1").text, what=f"the {title} page")
+        idle(driver, settle=2, timeout=180)
+        no_exception(driver)
+        driver.save_screenshot(str(shots / f"{title.lower()}.png"))
+
+
+def test_bad_upload_shows_one_error_and_next_upload_works(server: str, driver, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    from tests.bad_inputs import make_corpus
+
+    corpus = make_corpus(tmp_path)
+    driver.get(server)
+    wait_for(driver, lambda: "Explore" in driver.find_element(By.TAG_NAME, "h1").text, what="the Explore page")
+    idle(driver)
+    radio = next(e for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stRadio"] label')
+                 if "Upload an image" in e.text)
+    radio.click()
+    wait_for(driver, lambda: driver.find_elements(By.CSS_SELECTOR, 'input[type="file"]'), what="the uploader")
+    bad = next(p for name, (p, ok) in corpus.items() if not ok and "truncated" in name)
+    driver.find_element(By.CSS_SELECTOR, 'input[type="file"]').send_keys(str(bad))
+    wait_for(driver, lambda: driver.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentError"]'),
+             what="the error line")
+    idle(driver)
+    errors = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentError"]')
+    assert len(errors) == 1 and "\n" not in errors[0].text.strip()
+    no_exception(driver)
+    driver.find_element(By.CSS_SELECTOR, 'input[type="file"]').send_keys(str(photo(tmp_path / "good.jpg")))
+    wait_for(driver, lambda: not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentError"]')
+             and driver.find_elements(By.CSS_SELECTOR, 'iframe[title*="streamlit_image_coordinates"]'),
+             what="the good upload to replace the error")
+    no_exception(driver)
