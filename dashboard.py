@@ -2,7 +2,8 @@
 
 Run with ``make run`` (or ``streamlit run dashboard.py``). Pages live in ``pages/``;
 their shared Streamlit helpers in ``pages/_shared.py``; the plain-Python helpers in
-``visattn/dashboard_support.py``.
+``visattn/``: ``views`` (images and query positions), ``lesson`` (the Learn page),
+``evaluation`` (Models, Compare), ``runs`` (Train) and ``figures`` (plotly charts).
 """
 from __future__ import annotations
 

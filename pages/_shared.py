@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import streamlit as st  # noqa: E402
 from torch import nn  # noqa: E402
 
-from visattn import dashboard_support as ds  # noqa: E402
+from visattn import views  # noqa: E402
 from visattn import inference, zoo  # noqa: E402
 from visattn.checkpoint import MAX_CHECKPOINT_BYTES  # noqa: E402
 from visattn.errors import VisattnError  # noqa: E402
@@ -175,16 +175,16 @@ def model_picker() -> ModelHandle | None:
         spec: str | bytes | None = None
         key = label = ""
         if source == MODEL_SOURCES[0]:
-            checkpoints = ds.list_checkpoints()
+            checkpoints = views.list_checkpoints()
             if not checkpoints:
                 st.info("No checkpoint yet in checkpoints/ or runs/. The default one appears after its first "
                         "training epoch; meanwhile pick the torchvision ViT or upload a checkpoint.")
             else:
                 label = st.selectbox("Checkpoint", list(checkpoints), key="checkpoint_label",
-                                     format_func=lambda lab: ds.describe_checkpoint(lab, checkpoints[lab]))
+                                     format_func=lambda lab: views.describe_checkpoint(lab, checkpoints[lab]))
                 spec = checkpoints[label]["path"]
                 with guard("checkpoint"):
-                    key = ds.checkpoint_key(spec)
+                    key = views.checkpoint_key(spec)
         elif source == MODEL_SOURCES[1]:
             limit = MAX_CHECKPOINT_BYTES // 2**20
             up = st.file_uploader("Your visattn checkpoint", type=["safetensors"], key="checkpoint_upload",
@@ -193,7 +193,7 @@ def model_picker() -> ModelHandle | None:
                        "checked before any model is built.")
             if up is not None:
                 spec = up.getvalue()
-                key, label = f"upload:{ds.sha256(spec)}", up.name
+                key, label = f"upload:{views.sha256(spec)}", up.name
         elif source == MODEL_SOURCES[2]:
             path = st.text_input("Checkpoint path", key="checkpoint_path", placeholder="runs/my_run.safetensors")
             if path.strip():
@@ -202,7 +202,7 @@ def model_picker() -> ModelHandle | None:
                 if not p.is_file():
                     st.error(f"checkpoint not found: {path.strip()}")
                 else:
-                    spec, key, label = str(p), ds.checkpoint_key(p), path.strip()
+                    spec, key, label = str(p), views.checkpoint_key(p), path.strip()
         else:
             weights = st.radio("Weights", ("none", "DEFAULT"), key="vit_weights", horizontal=True,
                                format_func=lambda w: "random (offline)" if w == "none" else "ImageNet (download)")
@@ -249,13 +249,13 @@ class ImageChoice:
 @st.cache_resource(max_entries=2, show_spinner=False)
 def test_split(path: str):
     """The test split at ``path`` (decoded once per process)."""
-    return ds.load_test_split(path)
+    return views.load_test_split(path)
 
 
 def test_split_or_none():
     """The test split, or None when the data set is absent."""
-    path = ds.data_path()
-    if not ds.data_available(path):
+    path = views.data_path()
+    if not views.data_available(path):
         return None
     with st.spinner("Reading the test set…"):
         return test_split(str(path))
@@ -269,7 +269,7 @@ def image_source(key: str = "image") -> ImageChoice | None:
         with guard("the test set"):
             split = test_split_or_none()
         if split is None:
-            st.info(f"The test set is not available at {ds.data_path()} (set VISATTN_DATA to an image-folder "
+            st.info(f"The test set is not available at {views.data_path()} (set VISATTN_DATA to an image-folder "
                     "data set with a test/ split). Upload an image instead.")
             return None
         n = len(split)
@@ -285,8 +285,8 @@ def image_source(key: str = "image") -> ImageChoice | None:
         c2.button("Random", key=f"{key}_random", on_click=shuffle, help="pick a random test image")
         index = int(index)
         label = int(split.labels[index])
-        data = ds.sample_png(split, index)
-        choice = ImageChoice(data, ds.sha256(data), f"test image {index}", label, split.classes[label])
+        data = views.sample_png(split, index)
+        choice = ImageChoice(data, views.sha256(data), f"test image {index}", label, split.classes[label])
         st.caption(f"True label: **{choice.label_name}**")
         return choice
     up = st.file_uploader("Upload an image", key=f"{key}_upload", max_upload_size=MAX_BYTES // 2**20,
@@ -294,7 +294,7 @@ def image_source(key: str = "image") -> ImageChoice | None:
     st.caption(IMAGE_LIMITS)
     if up is not None:
         data = up.getvalue()
-        choice = ImageChoice(data, ds.sha256(data), up.name)
+        choice = ImageChoice(data, views.sha256(data), up.name)
         st.session_state["uploaded_image"] = choice
         return choice
     choice = st.session_state.get("uploaded_image")
@@ -343,20 +343,20 @@ def query_picker(image: np.ndarray, grid: tuple[int, int] | None = None, key: st
     click_key = f"{key}_click"
 
     def on_click() -> None:
-        yx = ds.click_to_yx(st.session_state.get(click_key))
+        yx = views.click_to_yx(st.session_state.get(click_key))
         if yx is not None:
             st.session_state["query_yx"] = yx
 
     yx = tuple(st.session_state["query_yx"])
-    streamlit_image_coordinates(ds.enlarge(image, size, yx, grid), width=size, key=click_key, on_click=on_click,
+    streamlit_image_coordinates(views.enlarge(image, size, yx, grid), width=size, key=click_key, on_click=on_click,
                                 cursor="crosshair")
     if sliders:
-        row, col = ds.yx_to_pixel(yx, side)
+        row, col = views.yx_to_pixel(yx, side)
         st.session_state[f"_w_{key}_row"], st.session_state[f"_w_{key}_col"] = row, col
 
         def from_sliders() -> None:
             r, c = st.session_state[f"_w_{key}_row"], st.session_state[f"_w_{key}_col"]
-            st.session_state["query_yx"] = ds.pixel_to_yx(r, c, side)
+            st.session_state["query_yx"] = views.pixel_to_yx(r, c, side)
 
         c1, c2 = st.columns(2)
         c1.slider("Query row (y)", 0, side - 1, key=f"_w_{key}_row", on_change=from_sliders)
@@ -382,7 +382,7 @@ def look_controls() -> tuple[float, str]:
     with c1:
         alpha = persistent(st.slider, "Overlay opacity", "alpha", 0.0, 1.0, step=0.05)
     with c2:
-        cmap = persistent(st.selectbox, "Colormap", "cmap", options=list(ds.COLORMAPS))
+        cmap = persistent(st.selectbox, "Colormap", "cmap", options=list(views.COLORMAPS))
     return float(alpha), str(cmap)
 
 

@@ -12,26 +12,26 @@ if ROOT not in sys.path:  # run directly (tests) rather than through dashboard.p
 import streamlit as st  # noqa: E402
 
 from pages import _shared as ui  # noqa: E402
-from visattn import dashboard_support as ds  # noqa: E402
+from visattn import evaluation, figures, views  # noqa: E402
 from visattn import explain, maps  # noqa: E402
 
-METHODS = list(ds.METHOD_LABELS)
+METHODS = list(evaluation.METHOD_LABELS)
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
 def explanation(model_key: str, image_sha: str, method: str, target: int, layer: str | None, _model, _tensor):
-    return ds.explain_one(_model, _tensor, method, target, layer)
+    return evaluation.explain_one(_model, _tensor, method, target, layer)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def faithfulness(model_key: str, image_sha: str, target: int, layer: str | None, names: tuple[str, ...],
                  _model, _tensor, _maps):
-    return ds.faithfulness_for(_model, _tensor, _maps, target)
+    return evaluation.faithfulness_for(_model, _tensor, _maps, target)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def sanity(model_key: str, image_sha: str, target: int, method: str, layer: str | None, _model, _tensor):
-    return ds.sanity(_model, _tensor, target, method, layer)
+    return evaluation.sanity(_model, _tensor, target, method, layer)
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     model, classes = handle.model, analysis.classes
 
     with left:
-        st.image(ds.enlarge(analysis.image, 256), caption="what the model sees")
+        st.image(views.enlarge(analysis.image, 256), caption="what the model sees")
     with right:
         st.markdown(ui.prediction_caption(analysis, choice))
         c1, c2 = st.columns(2)
@@ -70,7 +70,7 @@ def main() -> None:
     target_idx = analysis.predicted if target == -1 else int(target)
 
     st.header(f"Where each method looks for “{classes[target_idx]}”")
-    heavy = ds.is_heavy(model, handle.meta)
+    heavy = evaluation.is_heavy(model, handle.meta)
     slow_key = (handle.key, choice.sha, target_idx)
     slow_ok = not heavy or slow_key in st.session_state.setdefault("compare_slow_ok", set())
     if not slow_ok:
@@ -80,12 +80,12 @@ def main() -> None:
         if c2.button("Compute the slow ones too", key="compare_slow"):
             st.session_state["compare_slow_ok"].add(slow_key)
             slow_ok = True
-    todo = [m for m in METHODS if slow_ok or m not in ds.SLOW_METHODS]
+    todo = [m for m in METHODS if slow_ok or m not in evaluation.SLOW_METHODS]
     results = {}
     bar = st.progress(0.0, text="Computing explanations…")
     for i, name in enumerate(todo):
-        bar.progress(i / len(todo), text=f"Computing {ds.METHOD_LABELS[name]}…")
-        with ui.guard(ds.METHOD_LABELS[name]):
+        bar.progress(i / len(todo), text=f"Computing {evaluation.METHOD_LABELS[name]}…")
+        with ui.guard(evaluation.METHOD_LABELS[name]):
             results[name] = explanation(handle.key, choice.sha, name, target_idx,
                                         cam_layer if name == "grad_cam" else None, model, analysis.tensor)
     bar.empty()
@@ -94,7 +94,7 @@ def main() -> None:
         for col, name in zip(st.columns(3), row):
             e = results.get(name)
             with col:
-                st.subheader(ds.METHOD_LABELS[name])
+                st.subheader(evaluation.METHOD_LABELS[name])
                 if name not in todo:
                     st.caption("slow for this model: use the button above")
                     continue
@@ -103,7 +103,7 @@ def main() -> None:
                             if name in ("attention", "rollout")
                             else "Could not be computed (see the message above).")
                     continue
-                st.image(ds.overlay_large(analysis.image, maps.normalise(e.map), alpha, cmap), width="stretch")
+                st.image(figures.overlay_large(analysis.image, maps.normalise(e.map), alpha, cmap), width="stretch")
                 layer_note = f" · layer {cam_layer}" if name == "grad_cam" else ""
                 st.caption(f"computed in {e.seconds:.2f} s{layer_note} · scaled from min (dark) to max (bright)")
 
@@ -126,7 +126,7 @@ def main() -> None:
                 st.info("Deletion/insertion scores need the visattn.faithfulness module, "
                         "which this installation lacks.")
     if faith:
-        table = [{"method": ds.METHOD_LABELS.get(n, n), "deletion AUC ↓": r["deletion_auc"],
+        table = [{"method": evaluation.METHOD_LABELS.get(n, n), "deletion AUC ↓": r["deletion_auc"],
                   "insertion AUC ↑": r["insertion_auc"],
                   "time (s)": results[n].seconds if results.get(n) is not None else None}
                  for n, r in faith.items()]
@@ -136,7 +136,7 @@ def main() -> None:
             "insertion AUC ↑": st.column_config.NumberColumn(format="%.3f"),
             "time (s)": st.column_config.NumberColumn(format="%.2f")})
         with c2:
-            ui.show_fig(ds.faithfulness_figure({ds.METHOD_LABELS.get(n, n): r for n, r in faith.items()}),
+            ui.show_fig(figures.faithfulness_figure({evaluation.METHOD_LABELS.get(n, n): r for n, r in faith.items()}),
                         key="compare_faith")
 
     st.header("Sanity check: does the map depend on what the model learned?")
@@ -146,27 +146,27 @@ def main() -> None:
     available = [n for n in METHODS if results.get(n) is not None]
     c1, c2 = st.columns([1, 2], vertical_alignment="bottom")
     with c1:
-        method = st.selectbox("Method to check", available, format_func=ds.METHOD_LABELS.get, key="sanity_method",
-                              index=available.index("grad_cam") if "grad_cam" in available else 0)
+        method = st.selectbox("Method to check", available, format_func=evaluation.METHOD_LABELS.get,
+                              key="sanity_method", index=available.index("grad_cam") if "grad_cam" in available else 0)
     if heavy:
         n_layers = sum(1 for _, m in model.named_modules() if any(True for _ in m.parameters(recurse=False)))
         st.caption(f"For this model the check recomputes the map {n_layers} times (once per layer): "
                    "expect many minutes.")
     run_key = (handle.key, choice.sha, target_idx, method, cam_layer if method == "grad_cam" else None)
     if c2.button("Run the sanity check", key="sanity_run", disabled=not available):
-        spinner = st.spinner(f"Randomising layers and recomputing {ds.METHOD_LABELS[method]}…")
+        spinner = st.spinner(f"Randomising layers and recomputing {evaluation.METHOD_LABELS[method]}…")
         with ui.guard("the sanity check"), spinner:
             st.session_state["sanity_result"] = (run_key, sanity(*run_key, model, analysis.tensor))
     stored = st.session_state.get("sanity_result")
     if stored and stored[0] == run_key:
         rho, suspicious = stored[1]
         if suspicious:
-            st.warning(f"{ds.METHOD_LABELS[method]}: the map barely changed after randomising the model "
+            st.warning(f"{evaluation.METHOD_LABELS[method]}: the map barely changed after randomising the model "
                        f"(final ρ = {rho[-1][1]:.2f}). It may show the image more than the model.")
         else:
-            st.success(f"{ds.METHOD_LABELS[method]}: the map changed as the weights were randomised "
+            st.success(f"{evaluation.METHOD_LABELS[method]}: the map changed as the weights were randomised "
                        f"(final ρ = {rho[-1][1]:.2f}), as a faithful explanation should.")
-        ui.show_fig(ds.sanity_figure(rho, method), key="compare_sanity")
+        ui.show_fig(figures.sanity_figure(rho, method), key="compare_sanity")
 
 
 ui.page_start()

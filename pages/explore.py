@@ -11,7 +11,7 @@ if ROOT not in sys.path:  # run directly (tests) rather than through dashboard.p
 import streamlit as st  # noqa: E402
 
 from pages import _shared as ui  # noqa: E402
-from visattn import dashboard_support as ds  # noqa: E402
+from visattn import figures, views  # noqa: E402
 from visattn import maps, plotting  # noqa: E402
 
 
@@ -22,8 +22,8 @@ GRID_LAYERS = 4  # layers drawn by default: matplotlib needs seconds per dozen p
 def grid_png(model_key: str, image_sha: str, yx: tuple[float, float], alpha: float, cmap: str,
              layers: tuple[str, ...], _analysis) -> bytes:
     """The layers × heads overlay grid for one query, as PNG (drawn once per setting)."""
-    layer_maps = {k: v for k, v in ds.query_layer_maps(_analysis.trace, yx).items() if k in layers}
-    fig = plotting.overlay_grid_figure(ds.shrink(_analysis.image, 128), layer_maps, alpha, cmap, yx)
+    layer_maps = {k: v for k, v in views.query_layer_maps(_analysis.trace, yx).items() if k in layers}
+    fig = plotting.overlay_grid_figure(views.shrink(_analysis.image, 128), layer_maps, alpha, cmap, yx)
     return plotting.figure_to_png(fig, dpi=110)
 
 
@@ -73,32 +73,32 @@ def main() -> None:
             c1.download_button("Download figure (PNG)", png, file_name="attention_layers_heads.png", mime="image/png",
                                key="dl_png")
             c2.download_button("Download raw maps (NPZ)",
-                               lambda: plotting.maps_to_npz(ds.raw_maps(trace, analysis.probs, yx)),
+                               lambda: plotting.maps_to_npz(views.raw_maps(trace, analysis.probs, yx)),
                                file_name="attention_maps.npz", mime="application/octet-stream", key="dl_npz")
 
         st.header("One layer, one head: how the scores are made")
         layer, head = ui.layer_head_selectors(trace)
         site = sites[layer]
         with ui.guard("the similarity maps"):
-            sim = ds.similarity_maps(site, yx, head)
+            sim = views.similarity_maps(site, yx, head)
             st.caption(f"Layer **{layer}** ({site.grid[0]}×{site.grid[1]} grid, {site.heads} heads, "
                        f"{site.similarity} similarity), {'mean of heads' if head is None else f'head {head}'}: "
                        "the weights the layer really used, the raw dot product q·k, the cosine similarity and the "
                        "textbook softmax(q·k/√d_k).")
-            fig = ds.fix_colorscales(plotting.similarity_figure(ds.shrink(analysis.image, 128), sim, yx, cmap), cmap)
+            fig = plotting.similarity_figure(views.shrink(analysis.image, 128), sim, yx, cmap)
             fig.update_layout(height=380, font={"size": 14})
             ui.show_fig(fig, key="explore_similarity")
 
         st.header("Averaged over heads, and rolled out through the layers")
         with ui.guard("the averaged maps"):
             panels = [("this query, mean of heads", sim["attention"])]
-            panels += [(f"attention received ({name})", m) for name, m in ds.received_maps(trace).items()][-2:]
-            roll = ds.rollout_or_none(trace)
+            panels += [(f"attention received ({name})", m) for name, m in views.received_maps(trace).items()][-2:]
+            roll = views.rollout_or_none(trace)
             if roll is not None:
                 panels.append(("attention rollout (all layers)", roll))
             cols = st.columns(max(4, len(panels)))
             for col, (title, m) in zip(cols, panels):
-                col.image(ds.overlay_large(analysis.image, maps.normalise(m), alpha, cmap), caption=title,
+                col.image(figures.overlay_large(analysis.image, maps.normalise(m), alpha, cmap), caption=title,
                           width="stretch")
             st.caption("Each map is scaled from its own minimum (dark) to its maximum (bright).")
 
@@ -112,7 +112,7 @@ def main() -> None:
                 cols = st.columns(len(trace.spatial))
                 for col, (name, site) in zip(cols, trace.spatial.items()):
                     m = site.map[0, 0].float().cpu().numpy()
-                    col.image(ds.overlay_large(analysis.image, m, alpha, cmap, vmin=0.0, vmax=1.0),
+                    col.image(figures.overlay_large(analysis.image, m, alpha, cmap, vmin=0.0, vmax=1.0),
                               caption=f"CBAM spatial map · {name} (0 = suppressed, 1 = kept)", width="stretch")
 
 

@@ -12,7 +12,8 @@ import numpy as np  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from pages import _shared as ui  # noqa: E402
-from visattn import dashboard_support as ds  # noqa: E402
+from visattn import figures, views  # noqa: E402
+from visattn.lesson import key_name, lesson, next_layer  # noqa: E402
 
 SHOWN = 8  # numbers of each vector shown
 
@@ -62,7 +63,7 @@ def main() -> None:
         if head is None:
             st.caption("The steps follow one head at a time: showing head 0.")
             head = 0
-        nxt = ds.next_layer(analysis.trace, layer)
+        nxt = next_layer(analysis.trace, layer)
 
         def go_next() -> None:
             if nxt:
@@ -74,8 +75,8 @@ def main() -> None:
     c1, c2 = st.columns([1, 1], gap="large")
     with c1:
         yx = ui.query_picker(analysis.image, site.grid, key="learn", size=400)
-    token = ds.query_token(site, yx)
-    les = ds.lesson(site, token, head)
+    token = views.query_token(site, yx)
+    les = lesson(site, token, head)
     where = "the extra (CLS) token" if les.cell is None else f"row {les.cell[0]}, column {les.cell[1]}"
     with c2:
         big(f"Layer <b>{layer}</b> works on a <b>{site.grid[0]}×{site.grid[1]}</b> grid of positions "
@@ -94,11 +95,12 @@ def main() -> None:
         "that key answers the question well.")
     c1, c2 = st.columns([3, 2])
     with c1:
-        ui.show_fig(ds.heatmap_figure(les.to_grid(les.dot), "score q·k for every position", "q·k", les.cell,
-                                      st.session_state["cmap"], height=480, text=True, fmt=".1f"), key="learn_scores")
+        ui.show_fig(figures.heatmap_figure(les.to_grid(les.dot), "score q·k for every position", "q·k", les.cell,
+                                           st.session_state["cmap"], height=480, text=True, fmt=".1f"),
+                    key="learn_scores")
     with c2:
         order = np.argsort(-les.dot)[:5]
-        st.dataframe({"position": [ds.key_name(site, int(j)) for j in order],
+        st.dataframe({"position": [key_name(site, int(j)) for j in order],
                       "score q·k": [float(les.dot[j]) for j in order]}, hide_index=True, width="stretch")
         st.caption("The five highest scores.")
 
@@ -115,8 +117,9 @@ def main() -> None:
     big(scaled + " Then <b>softmax</b> turns the scores into weights: all positive, adding up to exactly 1.")
     c1, c2 = st.columns([3, 2])
     with c1:
-        ui.show_fig(ds.heatmap_figure(les.to_grid(les.weights), "attention weights", "weight", les.cell,
-                                      st.session_state["cmap"], height=480, text=True, fmt=".2f"), key="learn_weights")
+        ui.show_fig(figures.heatmap_figure(les.to_grid(les.weights), "attention weights", "weight", les.cell,
+                                           st.session_state["cmap"], height=480, text=True, fmt=".2f"),
+                    key="learn_weights")
     with c2:
         st.dataframe({"key position": [t[1] for t in les.top], "weight": [t[2] for t in les.top]},
                      hide_index=True, width="stretch",
@@ -167,12 +170,12 @@ def main() -> None:
         f"This layer uses the <b>{'cosine' if les.similarity == 'cosine' else 'dot product'}</b>.")
     c1, c2 = st.columns(2)
     with c1:
-        ui.show_fig(ds.heatmap_figure(les.to_grid(les.dot), "dot product q·k", "q·k", les.cell,
-                                      st.session_state["cmap"],
-                                      height=440), key="learn_dot")
+        ui.show_fig(figures.heatmap_figure(les.to_grid(les.dot), "dot product q·k", "q·k", les.cell,
+                                           st.session_state["cmap"],
+                                           height=440), key="learn_dot")
     with c2:
-        ui.show_fig(ds.heatmap_figure(les.to_grid(les.cosine), "cosine similarity cos(q, k)", "cos(q, k)", les.cell,
-                                      st.session_state["cmap"], height=440), key="learn_cos")
+        ui.show_fig(figures.heatmap_figure(les.to_grid(les.cosine), "cosine similarity cos(q, k)", "cos(q, k)",
+                                           les.cell, st.session_state["cmap"], height=440), key="learn_cos")
     st.latex(r"q \cdot k = \sum_i q_i k_i \qquad\qquad \cos(q, k) = \frac{q \cdot k}{\lVert q \rVert\,\lVert k \rVert}")
 
 

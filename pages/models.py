@@ -12,7 +12,7 @@ if ROOT not in sys.path:  # run directly (tests) rather than through dashboard.p
 import streamlit as st  # noqa: E402
 
 from pages import _shared as ui  # noqa: E402
-from visattn import dashboard_support as ds  # noqa: E402
+from visattn import evaluation, figures, views  # noqa: E402
 from visattn import maps  # noqa: E402
 
 HEAD_STAT_IMAGES = 64
@@ -21,19 +21,19 @@ MAX_SHOWN = 12
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def evaluate(model_key: str, data: str, n: int, _model, _meta, _split):
-    return ds.evaluate_sample(_model, _meta, _split, n)
+    return evaluation.evaluate_sample(_model, _meta, _split, n)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def head_stats(model_key: str, data: str, n: int, _model, _meta, _split):
-    return ds.head_statistics(_model, _meta, _split.subset(n, seed=1).images)
+    return evaluation.head_statistics(_model, _meta, _split.subset(n, seed=1).images)
 
 
 def main() -> None:
     st.title("Models")
 
     st.header("The zoo")
-    checkpoints = ds.list_checkpoints()
+    checkpoints = views.list_checkpoints()
     if checkpoints:
         st.dataframe(
             [{"checkpoint": label, "model": m.get("model"), "test accuracy": m.get("accuracy"),
@@ -50,8 +50,8 @@ def main() -> None:
 
     handle = ui.require_model()
     st.header(f"On the test set: {handle.label}")
-    path = ds.data_path()
-    if not ds.data_available(path):
+    path = views.data_path()
+    if not views.data_available(path):
         st.info(f"The test set is not available at {path}, so accuracy, the confusion matrix and head statistics "
                 "cannot be computed here. Set VISATTN_DATA to an image-folder data set with a test/ split.")
         st.stop()
@@ -76,9 +76,9 @@ def main() -> None:
     st.metric("Accuracy on this sample", f"{float(result['accuracy']):.1%}", help=f"{n} test images")
     c1, c2 = st.columns([2, 3])
     with c1:
-        ui.show_fig(ds.per_class_figure(result["per_class"], classes), key="models_per_class")
+        ui.show_fig(figures.per_class_figure(result["per_class"], classes), key="models_per_class")
     with c2:
-        ui.show_fig(ds.confusion_figure(result["confusion"], classes), key="models_confusion")
+        ui.show_fig(figures.confusion_figure(result["confusion"], classes), key="models_confusion")
 
     st.header("Look at the mistakes")
     conf = result["confusion"].copy()
@@ -90,7 +90,7 @@ def main() -> None:
     c1, c2 = st.columns(2)
     true = c1.selectbox("True class", range(len(classes)), format_func=lambda i: classes[i], key="mistake_true")
     pred = c2.selectbox("Predicted as", range(len(classes)), format_func=lambda i: classes[i], key="mistake_pred")
-    indices = ds.misclassified(result, true, pred)
+    indices = evaluation.misclassified(result, true, pred)
     kind = "correct" if true == pred else "misclassified"
     st.caption(f"{len(indices)} {kind} images in the sample (true {classes[true]}, predicted {classes[pred]}); "
                f"showing up to {MAX_SHOWN}, each with the map the model attends to.")
@@ -99,18 +99,18 @@ def main() -> None:
         cols = st.columns(6)
         with st.spinner("Analysing the images…"):
             for j, idx in enumerate(indices[:MAX_SHOWN]):
-                data = ds.sample_png(split, int(idx))
-                choice = ui.ImageChoice(data, ds.sha256(data), f"test image {idx}", true, classes[true])
+                data = views.sample_png(split, int(idx))
+                choice = ui.ImageChoice(data, views.sha256(data), f"test image {idx}", true, classes[true])
                 analysis = ui.analysis_for(handle, choice)
                 if analysis is None:
                     continue
-                shown = ds.thumbnail_map(analysis.trace)
+                shown = views.thumbnail_map(analysis.trace)
                 col = cols[j % 6]
                 if shown is None:
-                    col.image(ds.enlarge(analysis.image, 160), caption=f"#{idx} · p={analysis.probs[pred]:.0%}")
+                    col.image(views.enlarge(analysis.image, 160), caption=f"#{idx} · p={analysis.probs[pred]:.0%}")
                 else:
                     what, m = shown
-                    col.image(ds.overlay_large(analysis.image, maps.normalise(m), alpha, cmap, size=160),
+                    col.image(figures.overlay_large(analysis.image, maps.normalise(m), alpha, cmap, size=160),
                               caption=f"#{idx} · p({classes[pred]})={analysis.probs[pred]:.0%} · {what}")
 
     st.header("What do the heads do?")
@@ -125,7 +125,7 @@ def main() -> None:
                         "places, high (up to the dashed line) when it spreads its attention evenly. **Mean attention "
                         "distance** is how far, in input pixels, a head looks from each query: local heads stay near, "
                         "global heads look across the image.")
-            ui.show_fig(ds.head_stats_figure(stats), key="models_heads")
+            ui.show_fig(figures.head_stats_figure(stats), key="models_heads")
 
 
 ui.page_start()

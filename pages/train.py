@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from pages import _shared as ui  # noqa: E402
-from visattn import dashboard_support as ds  # noqa: E402
+from visattn import figures, runs, views  # noqa: E402
 from visattn.errors import VisattnError  # noqa: E402
 from visattn.models.attention import POS_ENCODINGS, SIMILARITIES  # noqa: E402
 
@@ -24,18 +24,18 @@ def main() -> None:
                 "and see its attention sharpen epoch by epoch. Finished checkpoints land in runs/ and appear in the "
                 "sidebar's model picker.")
 
-    path = ds.data_path()
-    have_data = ds.data_available(path)
+    path = views.data_path()
+    have_data = views.data_available(path)
     if not have_data:
         st.info(f"The data set is not available at {path}: training needs it (set VISATTN_DATA to an image-folder "
                 "data set with train/ and test/). You can still watch earlier runs below.")
 
     with st.form("train_form"):
         c1, c2, c3, c4 = st.columns(4)
-        model = c1.selectbox("Model", ds.TRAIN_MODELS, key="train_model",
+        model = c1.selectbox("Model", runs.TRAIN_MODELS, key="train_model",
                              help="sa_cnn: convolutions with self-attention; hybrid_vit: a small transformer; "
                                   "cbam_cnn: SE and CBAM attention; seed_cnn: a plain CNN.")
-        epochs = c2.number_input("Epochs", 1, ds.MAX_EPOCHS, 2, key="train_epochs")
+        epochs = c2.number_input("Epochs", 1, runs.MAX_EPOCHS, 2, key="train_epochs")
         width = c3.select_slider("Width (channels of the first stage)", [16, 32, 64], 32, key="train_width")
         subset = c4.number_input("Training images (0 = all 50,000)", 0, 50000, 5000, step=1000, key="train_subset",
                                  help="Fewer images train faster; at least 512 (one batch).")
@@ -52,14 +52,14 @@ def main() -> None:
         with ui.guard("starting the run"):
             if subset and subset < 512:
                 raise VisattnError("at least 512 training images (one batch), or 0 for all")
-            argv = ds.train_argv(name.strip(), model, int(epochs), int(width), int(heads), similarity, pos, int(subset),
-                                 data=path)
-            proc = ds.start_training(name.strip(), argv)
+            argv = runs.train_argv(name.strip(), model, int(epochs), int(width), int(heads), similarity, pos,
+                                   int(subset), data=path)
+            proc = runs.start_training(name.strip(), argv)
             st.session_state["train_pending"] = f"runs/{name.strip()}"  # shown once its metrics file exists
             st.success(f"Started {name.strip()} (process {proc.pid}).")
             st.code(" ".join(argv[1:]), language="bash")
 
-    running = ds.running()
+    running = runs.running()
     if running:
         st.subheader("Running")
         for run_name, proc in running.items():
@@ -67,11 +67,11 @@ def main() -> None:
             c1.markdown(f"**{run_name}** · process {proc.pid}")
             if c2.button("Stop", key=f"stop_{run_name}", help="terminate the run (its last finished epoch is kept)"):
                 with ui.guard("stopping the run"):
-                    ds.stop_training(run_name)
+                    runs.stop_training(run_name)
                     st.rerun()
 
     st.header("Watch a run")
-    files = ds.metric_files()
+    files = runs.metric_files()
     if not files:
         st.info("No metrics yet: start a run above (the default model's training also writes "
                 "checkpoints/sa_cnn.metrics.jsonl).")
@@ -90,16 +90,16 @@ def main() -> None:
 
     @st.fragment(run_every=2 if live else None)
     def monitor() -> None:
-        if running and ds.running().keys() != running.keys():
+        if running and runs.running().keys() != running.keys():
             st.rerun(scope="app")  # a run ended: refresh the Stop buttons and the sidebar's checkpoints
-        if pending and pending not in files and pending in ds.metric_files():
+        if pending and pending not in files and pending in runs.metric_files():
             st.rerun(scope="app")  # the new run wrote its first metrics: switch to it
         with ui.guard("the run monitor"):
             show_run(files[label])
 
 
     def show_run(metrics: Path) -> None:
-        steps, epochs_done = ds.read_metrics(metrics)
+        steps, epochs_done = runs.read_metrics(metrics)
         if not steps and not epochs_done:
             st.info("Waiting for the first numbers (the data set is loaded first)…")
         else:
@@ -113,7 +113,7 @@ def main() -> None:
             c[1].metric("Train accuracy", f"{last.get('train_acc', 0):.1%}")
             c[2].metric("Test accuracy", f"{epochs_done[-1]['test_acc']:.1%}" if epochs_done else "after epoch 1")
             c[3].metric("Speed", f"{last.get('img_per_s', 0):.0f} img/s")
-            ui.show_fig(ds.curves_figure(steps, epochs_done), key="train_curves")
+            ui.show_fig(figures.curves_figure(steps, epochs_done), key="train_curves")
         probes = [(e["epoch"], e["probe"]) for e in epochs_done if e.get("probe")]
         if probes:
             st.subheader("Its attention, epoch by epoch")
@@ -125,12 +125,12 @@ def main() -> None:
             probe = np.asarray(dict(probes)[chosen], dtype=np.float32)
             c1, _ = st.columns([1, 1])
             with c1:
-                ui.show_fig(ds.heatmap_figure(probe, f"epoch {chosen}", "attention received", None,
-                                              st.session_state["cmap"], height=420), key="train_probe")
+                ui.show_fig(figures.heatmap_figure(probe, f"epoch {chosen}", "attention received", None,
+                                                   st.session_state["cmap"], height=420), key="train_probe")
         elif epochs_done:
             st.caption("This model has no self-attention, so there is no attention map to follow.")
         stem = metrics.name.removesuffix(".metrics.jsonl")
-        text = ds.tail(metrics.with_name(stem + ".log")) or ds.tail(ds.RUNS_DIR / f"{stem}.log")
+        text = runs.tail(metrics.with_name(stem + ".log")) or runs.tail(runs.RUNS_DIR / f"{stem}.log")
         if text:
             with st.expander("Log (last lines)"):
                 st.code(text, language=None)

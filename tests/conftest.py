@@ -29,5 +29,14 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one intra-op thread than on two contending for two cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def needs_data() -> pytest.MarkDecorator:
     return pytest.mark.skipif(not (DATA / "test").is_dir(), reason=f"CIFAR-10 not found at {DATA}")

@@ -125,8 +125,8 @@ def no_exception(driver) -> None:
     assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
 
 
-def test_upload_click_query_and_every_page(server: str, driver, shots: Path, tmp_path: Path) -> None:
-    from selenium.webdriver.common.action_chains import ActionChains
+def open_uploader(driver, server: str):
+    """Open Explore, switch the image source to upload, and return the file input."""
     from selenium.webdriver.common.by import By
 
     driver.get(server)
@@ -136,7 +136,14 @@ def test_upload_click_query_and_every_page(server: str, driver, shots: Path, tmp
                  if "Upload an image" in e.text)
     radio.click()
     wait_for(driver, lambda: driver.find_elements(By.CSS_SELECTOR, 'input[type="file"]'), what="the uploader")
-    driver.find_element(By.CSS_SELECTOR, 'input[type="file"]').send_keys(str(photo(tmp_path / "photo.jpg")))
+    return driver.find_element(By.CSS_SELECTOR, 'input[type="file"]')
+
+
+def test_upload_click_query_and_every_page(server: str, driver, shots: Path, tmp_path: Path) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    open_uploader(driver, server).send_keys(str(photo(tmp_path / "photo.jpg")))
     frame_sel = 'iframe[title*="streamlit_image_coordinates"]'
     wait_for(driver, lambda: driver.find_elements(By.CSS_SELECTOR, frame_sel), what="the clickable image")
     idle(driver, settle=2)
@@ -180,15 +187,8 @@ def test_bad_upload_shows_one_error_and_next_upload_works(server: str, driver, t
     from tests.bad_inputs import make_corpus
 
     corpus = make_corpus(tmp_path)
-    driver.get(server)
-    wait_for(driver, lambda: "Explore" in driver.find_element(By.TAG_NAME, "h1").text, what="the Explore page")
-    idle(driver)
-    radio = next(e for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stRadio"] label')
-                 if "Upload an image" in e.text)
-    radio.click()
-    wait_for(driver, lambda: driver.find_elements(By.CSS_SELECTOR, 'input[type="file"]'), what="the uploader")
     bad = next(p for name, (p, ok) in corpus.items() if not ok and "truncated" in name)
-    driver.find_element(By.CSS_SELECTOR, 'input[type="file"]').send_keys(str(bad))
+    open_uploader(driver, server).send_keys(str(bad))
     wait_for(driver, lambda: driver.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentError"]'),
              what="the error line")
     idle(driver)

@@ -1,5 +1,5 @@
 """The Streamlit dashboard (dashboard.py, pages/) under streamlit.testing.v1.AppTest,
-and the plain helpers behind it (visattn/dashboard_support.py).
+and the plain helpers behind it (visattn/views.py, runs.py, lesson.py, figures.py).
 
 AppTest runs the scripts in this process, so the model cache is shared between tests
 and calls can be counted by patching ``visattn.inference.analyse_tensor``.
@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bad_inputs import make_corpus, valid_jpeg  # noqa: E402
 
-from visattn import dashboard_support as ds  # noqa: E402
+from visattn import figures, runs, views  # noqa: E402
+from visattn.errors import VisattnError  # noqa: E402
+from visattn.lesson import lesson  # noqa: E402
 
 DEFAULT_CKPT = ROOT / "checkpoints" / "sa_cnn.safetensors"
 PAGES = ["pages/explore.py", "pages/compare.py", "pages/train.py", "pages/models.py", "pages/learn.py"]
@@ -58,7 +60,7 @@ def errors(at) -> list[str]:
 
 def sample_photo() -> tuple[str, bytes]:
     """A real photo (a CIFAR-10 test JPEG) when the data set is here, else a synthetic JPEG."""
-    folder = ds.data_path() / "test" / "cat"
+    folder = views.data_path() / "test" / "cat"
     if folder.is_dir():
         for p in sorted(folder.iterdir()):
             if p.suffix.lower() in (".jpg", ".jpeg", ".png"):
@@ -175,7 +177,7 @@ def test_checkpoint_upload_is_validated(tmp_path):
     at.file_uploader(key="checkpoint_upload").set_value(("mine.safetensors", data, "application/octet-stream")).run()
     assert not at.exception and not at.error, (problems(at), errors(at))
     handle = at.session_state["model_handle"]
-    assert handle.key == f"upload:{ds.sha256(data)}" and handle.meta["model"] == "sa_cnn"
+    assert handle.key == f"upload:{views.sha256(data)}" and handle.meta["model"] == "sa_cnn"
 
 
 @needs_checkpoint
@@ -217,10 +219,10 @@ def test_train_form_starts_and_stops_a_background_run(monkeypatch, tmp_path):
             self.returncode = -15
             return self.returncode
 
-    monkeypatch.setattr(ds.subprocess, "Popen", FakePopen)
-    monkeypatch.setattr(ds.os, "killpg", lambda pid, sig: killed.append((pid, sig)))
-    monkeypatch.setattr(ds, "RUNS_DIR", tmp_path)
-    monkeypatch.setattr(ds, "_RUNNING", {})
+    monkeypatch.setattr(runs.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(runs.os, "killpg", lambda pid, sig: killed.append((pid, sig)))
+    monkeypatch.setattr(runs, "RUNS_DIR", tmp_path)
+    monkeypatch.setattr(runs, "_RUNNING", {})
     at = app("pages/train.py").run()
     assert not at.exception, problems(at)
     at.text_input(key="train_name").set_value("unit_test_run")
@@ -233,40 +235,40 @@ def test_train_form_starts_and_stops_a_background_run(monkeypatch, tmp_path):
     at.button(key="stop_unit_test_run").click().run()
     assert not at.exception, problems(at)
     assert killed and killed[0][0] == FakePopen.pid
-    assert ds.running() == {}
+    assert runs.running() == {}
 
 
 # ----------------------------------------------------------------------------- helpers, no Streamlit
 def test_click_and_pixel_conversions():
-    assert ds.click_to_yx({"x": 160, "y": 80, "width": 320, "height": 320}) == (0.25, 0.5)
-    y, x = ds.click_to_yx({"x": 320, "y": 320, "width": 320, "height": 320})
+    assert views.click_to_yx({"x": 160, "y": 80, "width": 320, "height": 320}) == (0.25, 0.5)
+    y, x = views.click_to_yx({"x": 320, "y": 320, "width": 320, "height": 320})
     assert y < 1.0 and x < 1.0
-    assert ds.click_to_yx(None) is None
-    assert ds.yx_to_pixel(ds.pixel_to_yx(5, 31, 32), 32) == (5, 31)
+    assert views.click_to_yx(None) is None
+    assert views.yx_to_pixel(views.pixel_to_yx(5, 31, 32), 32) == (5, 31)
 
 
 def test_train_argv_is_validated():
-    argv = ds.train_argv("ok-name_1", "sa_cnn", 3, 16, 2, "cosine", "relative", 2048, data="/data")
+    argv = runs.train_argv("ok-name_1", "sa_cnn", 3, 16, 2, "cosine", "relative", 2048, data="/data")
     assert argv[argv.index("--set") + 1] == "widths=(16,32,64)"
     assert "similarity=cosine" in argv and "pos_encoding=relative" in argv and "--subset" in argv
     for bad in ("../escape", "a b", "", "x" * 60):
-        with pytest.raises(ds.VisattnError):
-            ds.train_argv(bad)
-    with pytest.raises(ds.VisattnError):
-        ds.train_argv("x", epochs=0)
-    with pytest.raises(ds.VisattnError):
-        ds.train_argv("x", width=16, heads=3)
+        with pytest.raises(VisattnError):
+            runs.train_argv(bad)
+    with pytest.raises(VisattnError):
+        runs.train_argv("x", epochs=0)
+    with pytest.raises(VisattnError):
+        runs.train_argv("x", width=16, heads=3)
 
 
 def test_read_metrics_tolerates_a_half_written_line(tmp_path):
     p = tmp_path / "r.metrics.jsonl"
     p.write_text(json.dumps({"type": "step", "step": 1, "loss": 2.0}) + "\n" +
                  json.dumps({"type": "epoch", "epoch": 1, "test_acc": 0.5, "probe": [[0.1]]}) + "\n" + '{"type": "st')
-    steps, epochs = ds.read_metrics(p)
+    steps, epochs = runs.read_metrics(p)
     assert [s["step"] for s in steps] == [1] and epochs[0]["test_acc"] == 0.5
-    assert ds.read_metrics(tmp_path / "absent.jsonl") == ([], [])
-    ds.curves_figure(steps, epochs)
-    ds.curves_figure([], epochs)
+    assert runs.read_metrics(tmp_path / "absent.jsonl") == ([], [])
+    figures.curves_figure(steps, epochs)
+    figures.curves_figure([], epochs)
 
 
 @pytest.mark.parametrize("config", [{"similarity": "dot", "pos_encoding": "relative"},
@@ -277,8 +279,8 @@ def test_lesson_reproduces_the_layer(config):
 
     model = create_model("sa_cnn", widths=(8, 16, 16), heads=2, **config).eval()
     site = next(iter(capture(model, torch.randn(1, 3, 32, 32)).attention.values()))
-    token = ds.query_token(site, (0.3, 0.7))
-    les = ds.lesson(site, token, head=1)
+    token = views.query_token(site, (0.3, 0.7))
+    les = lesson(site, token, head=1)
     assert les.sum_weights == pytest.approx(1.0, abs=1e-5)
     assert les.weights_error < 1e-5 and les.head_context_check < 1e-5
     assert les.residual_error is not None and les.residual_error < 1e-4
@@ -288,5 +290,5 @@ def test_lesson_reproduces_the_layer(config):
 
 def test_enlarge_marks_the_query():
     img = np.zeros((32, 32, 3), np.uint8)
-    big = ds.enlarge(img, 320, (0.5, 0.5), (8, 8))
+    big = views.enlarge(img, 320, (0.5, 0.5), (8, 8))
     assert big.shape == (320, 320, 3) and (big[160, 150:170] == [0, 255, 255]).all(-1).any()

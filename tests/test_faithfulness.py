@@ -22,13 +22,7 @@ SIDE = 32
 REGION = (slice(4, 16), slice(10, 22))  # rows, cols of the only pixels the model looks at
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, above all beside a busy training job."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class RegionModel(nn.Module):

@@ -41,13 +41,7 @@ def softmax_weights(b, h, n, seed=0):
     return torch.randn(b, h, n, n, generator=torch.Generator().manual_seed(seed)).mul(2).softmax(-1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two contending for shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import matplotlib
 import numpy as np
 import plotly.graph_objects as go
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize, to_hex
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from plotly.subplots import make_subplots
 
@@ -36,10 +36,14 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return img.astype(np.float32) / 255.0
 
 
-def _plotly_scale(cmap: str, n: int = 11) -> list[list]:
-    """A matplotlib colormap sampled as a plotly colour scale (any matplotlib name works)."""
+def plotly_scale(cmap: str, n: int = 11) -> list[list]:
+    """A matplotlib colormap sampled as a plotly colour scale of ``rgb(r,g,b)`` strings.
+
+    (plotly.js in the browser misreads hex strings such as inferno's ``#000004`` and
+    paints the low end of the scale pink.)
+    """
     cm = matplotlib.colormaps[cmap]
-    return [[i / (n - 1), to_hex(cm(i / (n - 1)))] for i in range(n)]
+    return [[i / (n - 1), "rgb({},{},{})".format(*(round(255 * c) for c in cm(i / (n - 1))[:3]))] for i in range(n)]
 
 
 def overlay(
@@ -126,7 +130,7 @@ def similarity_figure(
     names = [n for n in SIMILARITY_LABELS if n in maps]
     fig = make_subplots(rows=1, cols=len(names) + 1, subplot_titles=["image", *names], horizontal_spacing=0.09)
     fig.add_trace(go.Image(z=np.round(img * 255).astype(np.uint8), x0=0.5, y0=0.5, name="image"), 1, 1)
-    scale = _plotly_scale(cmap)
+    scale = plotly_scale(cmap)
     for col, name in enumerate(names, start=2):
         m = np.asarray(maps[name], dtype=np.float32)
         m = m.mean(0) if m.ndim == 3 else m
@@ -161,7 +165,7 @@ def channel_bar_figure(weights: np.ndarray, title: str = "channel attention") ->
     'bar'
     """
     w = np.asarray(weights, dtype=np.float64).ravel()
-    fig = go.Figure(go.Bar(x=np.arange(len(w)), y=w, marker={"color": w, "colorscale": _plotly_scale("viridis")}))
+    fig = go.Figure(go.Bar(x=np.arange(len(w)), y=w, marker={"color": w, "colorscale": plotly_scale("viridis")}))
     fig.update_layout(title=title, xaxis_title="channel", yaxis_title="weight",
                       yaxis_range=[0, max(1.0, float(w.max(initial=0.0)))], bargap=0.05, height=300)
     return fig

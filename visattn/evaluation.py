@@ -1,0 +1,179 @@
+"""Model-evaluation helpers of the Models and Compare pages: test-set accuracy and
+confusion, per-head statistics, one explanation method at a time, its deletion/insertion
+faithfulness and its cascading-randomisation sanity check."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from visattn.capture import capture
+from visattn.errors import VisattnError
+
+
+# ----------------------------------------------------------------------------- Models page
+def _model_inputs(images: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> normalised float at the model's input size."""
+    from visattn.data import normalise
+    from visattn.inference import input_size
+
+    x = normalise(images, tuple(meta["mean"]), tuple(meta["std"]))
+    size = input_size(meta)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x
+
+
+@torch.no_grad()
+def evaluate_sample(model: nn.Module, meta: dict[str, Any], split, n: int = 1000, seed: int = 0,
+                    batch_size: int = 250) -> dict[str, np.ndarray]:
+    """Predictions on a fixed random sample of ``n`` test images.
+
+    Returns ``indices`` (into the split), ``labels``, ``pred``, ``confusion`` (k, k; rows
+    true, columns predicted), ``per_class`` accuracy (k,) and ``accuracy`` (scalar array).
+    Classes are the split's; a model with other classes (ImageNet) is refused.
+    """
+    k = len(split.classes)
+    if len(meta.get("classes", [])) != k:
+        raise VisattnError(f"this model predicts {len(meta.get('classes', []))} classes; the test set has {k}")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(split), generator=g)[: min(n, len(split))]
+    device = next(model.parameters()).device
+    preds = []
+    for i in range(0, len(idx), batch_size):
+        x = _model_inputs(split.images[idx[i : i + batch_size]], meta).to(device)
+        preds.append(model(x).argmax(1).cpu())
+    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
+    labels = split.labels[idx]
+    confusion = torch.zeros(k, k, dtype=torch.int64)
+    confusion.index_put_((labels, pred), torch.ones_like(pred), accumulate=True)
+    per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
+    return {
+        "indices": idx.numpy(), "labels": labels.numpy(), "pred": pred.numpy(), "confusion": confusion.numpy(),
+        "per_class": per_class.numpy(),
+        "accuracy": np.asarray((pred == labels).float().mean().item() if len(idx) else 0.0),
+    }
+
+
+def misclassified(result: dict[str, np.ndarray], true: int, predicted: int) -> np.ndarray:
+    """Split indices of the sampled images with label ``true`` predicted as ``predicted``."""
+    mask = (result["labels"] == true) & (result["pred"] == predicted)
+    return result["indices"][mask]
+
+
+@torch.no_grad()
+def head_statistics(model: nn.Module, meta: dict[str, Any], images: torch.Tensor,
+                    batch_size: int = 32) -> dict[str, dict[str, np.ndarray]]:
+    """Per-head entropy (nats) and mean attention distance (input pixels), by layer,
+    averaged over ``images`` (uint8 (B, 3, S, S)). Empty for a model without attention."""
+    from visattn.inference import input_size
+    from visattn.maps import head_entropy, mean_attention_distance
+
+    size = input_size(meta)
+    device = next(model.parameters()).device
+    sums: dict[str, dict[str, np.ndarray]] = {}
+    total = 0
+    for i in range(0, len(images), batch_size):
+        x = _model_inputs(images[i : i + batch_size], meta).to(device)
+        trace = capture(model, x)
+        nb = len(x)
+        for name, site in trace.attention.items():
+            cell = size / site.grid[1]
+            ent = head_entropy(site) * nb
+            dist = mean_attention_distance(site, cell_size=cell) * nb
+            s = sums.setdefault(name, {"entropy": np.zeros_like(ent), "distance": np.zeros_like(dist),
+                                       "max_entropy": np.asarray(math.log(site.q.shape[2]))})
+            s["entropy"] = s["entropy"] + ent
+            s["distance"] = s["distance"] + dist
+        total += nb
+    for s in sums.values():
+        s["entropy"] = s["entropy"] / max(total, 1)
+        s["distance"] = s["distance"] / max(total, 1)
+    return sums
+
+
+# ----------------------------------------------------------------------------- Compare page
+METHOD_LABELS = {
+    "attention": "Attention (last layer)", "rollout": "Attention rollout", "grad_cam": "Grad-CAM",
+    "integrated_gradients": "Integrated gradients", "saliency": "Saliency", "occlusion": "Occlusion",
+}
+
+
+SLOW_METHODS = ("integrated_gradients", "occlusion")
+HEAVY_PARAMS = 20_000_000
+HEAVY_SIDE = 96
+
+
+def is_heavy(model: nn.Module, meta: dict[str, Any]) -> bool:
+    """Whether integrated gradients, occlusion and deletion/insertion take minutes on a CPU
+    (a ViT-B/16 at 224 px does; the CIFAR models at 32 px take seconds)."""
+    from visattn.inference import input_size
+
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return on_cpu and (sum(p.numel() for p in model.parameters()) > HEAVY_PARAMS or input_size(meta) > HEAVY_SIDE)
+
+
+def explain_one(model: nn.Module, tensor: torch.Tensor, method: str, target: int, layer: str | None = None):
+    """One ``visattn.explain`` method (``layer``: Grad-CAM's); None when it does not apply
+    (attention maps of a model without attention)."""
+    from visattn import explain
+
+    fns = {"attention": explain.attention_map, "rollout": explain.rollout, "grad_cam": explain.grad_cam,
+           "integrated_gradients": explain.integrated_gradients, "saliency": explain.saliency,
+           "occlusion": explain.occlusion}
+    if method not in fns:
+        raise VisattnError(f"unknown method {method!r}; known: {', '.join(fns)}")
+    if method == "grad_cam":
+        return fns[method](model, tensor, target, layer=layer)
+    if method == "occlusion":  # the patch grows with the image: about 15×15 positions whatever the size
+        side = int(tensor.shape[-1])
+        return fns[method](model, tensor, target, window=max(4, side // 8), stride=max(2, side // 16))
+    return fns[method](model, tensor, target)
+
+
+def faithfulness_for(model: nn.Module, tensor: torch.Tensor, maps: dict[str, np.ndarray], target: int,
+                     steps: int = 16, with_random: bool = True) -> dict[str, dict[str, Any]]:
+    """Deletion/insertion curves and AUCs of each (H, W) map for one image (one batched
+    call of ``visattn.faithfulness.deletion_insertion``), plus a random map as the floor.
+
+    Returns ``{method: {"deletion_auc", "insertion_auc", "deletion_curve",
+    "insertion_curve", "fractions"}}`` with floats and lists.
+    """
+    from visattn.faithfulness import deletion_insertion, random_map
+
+    maps = dict(maps)
+    if with_random:
+        maps["random"] = random_map(tuple(tensor.shape[-2:]), seed=0)
+    if not maps:
+        return {}
+    names = list(maps)
+    stacked = np.stack([np.nan_to_num(np.asarray(maps[n], dtype=np.float32)) for n in names])
+    images = tensor.detach().expand(len(names), -1, -1, -1)
+    r = deletion_insertion(model, images, stacked, [int(target)] * len(names), steps=steps)
+    fractions = np.asarray(r["fractions"]).tolist()
+    return {
+        name: {"deletion_auc": float(r["deletion_auc"][i]), "insertion_auc": float(r["insertion_auc"][i]),
+               "deletion_curve": np.asarray(r["deletion_curve"][i]).tolist(),
+               "insertion_curve": np.asarray(r["insertion_curve"][i]).tolist(), "fractions": fractions}
+        for i, name in enumerate(names)
+    }
+
+
+def sanity(model: nn.Module, tensor: torch.Tensor, target: int, method: str,
+           layer: str | None = None) -> tuple[list[tuple[str, float]], bool]:
+    """Cascading randomisation check of one method (``visattn.faithfulness.sanity_check``):
+    ([(layer randomised, Spearman rho)], suspicious flag)."""
+    from visattn.faithfulness import sanity_check, sanity_flag
+
+    def run(m: nn.Module) -> np.ndarray:
+        e = explain_one(m, tensor, method, target, layer)
+        if e is None:
+            raise VisattnError(f"{method} does not apply to this model")
+        return e.map
+
+    rho = sanity_check(model, tensor, target, run)
+    return rho, sanity_flag(rho)
