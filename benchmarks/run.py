@@ -225,8 +225,14 @@ def plot_scaling(rows: list[dict]) -> None:
     fig.savefig(OUT / "scaling.png", dpi=100)
 
 
+def bench_sessions_section() -> list[dict]:
+    from benchmarks.sessions import bench_sessions
+
+    return bench_sessions()
+
+
 SECTIONS = {"capture": bench_capture, "train": bench_train, "explain": bench_explain,
-            "dashboard": bench_dashboard, "scaling": bench_scaling}
+            "dashboard": bench_dashboard, "sessions": bench_sessions_section, "scaling": bench_scaling}
 
 
 def fmt(r: dict) -> str:

@@ -132,9 +132,13 @@ def open_uploader(driver, server: str):
     driver.get(server)
     wait_for(driver, lambda: "Explore" in driver.find_element(By.TAG_NAME, "h1").text, what="the Explore page")
     idle(driver)
-    radio = next(e for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stRadio"] label')
-                 if "Upload an image" in e.text)
-    radio.click()
+
+    def upload_radio():
+        return next((e for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stRadio"] label')
+                     if "Upload an image" in e.text), None)
+
+    wait_for(driver, upload_radio, what="the image-source choice")
+    upload_radio().click()
     wait_for(driver, lambda: driver.find_elements(By.CSS_SELECTOR, 'input[type="file"]'), what="the uploader")
     return driver.find_element(By.CSS_SELECTOR, 'input[type="file"]')
 
