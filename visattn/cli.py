@@ -39,6 +39,18 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def reproduce_command(meta: dict[str, Any]) -> str:
+    """The ``visattn train`` command that made a checkpoint, from its saved training config."""
+    cfg = meta.get("train_config") or {}
+    defaults = {"lr": 0.4, "optimizer": "sgd", "weight_decay": 5e-4, "batch_size": 512}
+    parts = [f"visattn train --model {meta['model']}"]
+    parts += [f"--set \"{k}={tuple(v) if isinstance(v, list) else v}\"" for k, v in cfg.get("model_config", {}).items()]
+    parts += [f"--{k.replace('_', '-')} {cfg[k]}" for k in ("init", "optimizer", "lr", "weight_decay", "batch_size")
+              if k in cfg and cfg[k] is not None and cfg[k] != defaults.get(k)]
+    parts += [f"--epochs {cfg.get('epochs')}", f"--out {cfg.get('out')}"]
+    return " ".join(parts)
+
+
 def cmd_models(a: argparse.Namespace) -> int:
     from visattn.checkpoint import read_metadata
     from visattn.models import list_models
@@ -48,8 +60,20 @@ def cmd_models(a: argparse.Namespace) -> int:
         if path.name.endswith(".state.safetensors"):
             continue
         meta = read_metadata(path)
-        rows.append({"checkpoint": str(path), "model": meta["model"], "accuracy": meta.get("accuracy"),
-                     "params": meta.get("params"), "epochs": meta.get("epochs")})
+        rows.append({"checkpoint": str(path.relative_to(CHECKPOINT_DIR.parent)), "model": meta["model"],
+                     "accuracy": meta.get("accuracy"), "params": meta.get("params"), "epochs": meta.get("epochs"),
+                     "train_seconds": meta.get("train_seconds"), "hardware": meta.get("hardware"),
+                     "size_mb": path.stat().st_size / 2**20, "command": reproduce_command(meta)})
+    if a.markdown:
+        print("| checkpoint | model | top-1 (CIFAR-10 test, 10,000) | params | epochs | training time | hardware | size |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| `{r['checkpoint']}` | {r['model']} | {r['accuracy']:.2%} | {r['params']:,} | {r['epochs']} | "
+                  f"{(r['train_seconds'] or 0) / 60:.0f} min | {r['hardware']} | {r['size_mb']:.1f} MB |")
+        print()
+        for r in rows:
+            print(f"- `{r['checkpoint']}`: `{r['command']}`")
+        return 0
     if a.json:
         print(json.dumps({"registry": list_models(), "checkpoints": rows}, indent=2))
         return 0
@@ -151,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="the registry and the shipped checkpoints")
     m.add_argument("--json", action="store_true")
+    m.add_argument("--markdown", action="store_true", help="the README's table of shipped checkpoints")
     m.set_defaults(func=cmd_models)
 
     e = sub.add_parser("eval", help="top-1, per-class accuracy and confusion matrix on the test split")
