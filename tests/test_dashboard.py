@@ -38,6 +38,8 @@ TITLES = {"pages/explore.py": "Explore", "pages/compare.py": "Compare", "pages/t
           "pages/models.py": "Models", "pages/learn.py": "Learn"}
 TIMEOUT = 60
 
+from tests.conftest import needs_data  # noqa: E402
+
 needs_checkpoint = pytest.mark.skipif(
     not DEFAULT_CKPT.is_file(),
     reason="checkpoints/sa_cnn.safetensors is absent (it appears after the first epoch of `make train-default`)",
@@ -181,6 +183,7 @@ def test_checkpoint_upload_is_validated(tmp_path):
 
 
 @needs_checkpoint
+@needs_data()
 def test_learn_page_checks_its_numbers():
     at = app("pages/learn.py").run()
     assert not at.exception and not at.error, (problems(at), errors(at))
@@ -200,6 +203,7 @@ def test_pages_work_without_the_data_set(monkeypatch, tmp_path):
         assert any("not available" in i.value for i in at.info), page
 
 
+@needs_data()
 def test_train_form_starts_and_stops_a_background_run(monkeypatch, tmp_path):
     """The form builds the command and starts it in its own session; Stop signals its group.
     Popen and killpg are faked: no training runs here."""
