@@ -164,7 +164,7 @@ def bench_dashboard() -> list[dict]:
 
 # ----------------------------------------------------------------------------- scaling with tokens
 SCALE_ONE = r'''
-import json, resource, sys, time, torch
+import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from visattn import capture, create_model
 from visattn.models.attention import SpatialSelfAttention2d
@@ -175,12 +175,12 @@ if kind == "grid":
 else:
     model = create_model("vit_b_16", image_size=size).eval(); x = torch.randn(1, 3, size, size)
 with torch.no_grad(): model(x)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter(); tr = capture(model, x, budget_bytes=budget); dt = time.perf_counter() - t
 s = next(iter(tr.attention.values()))
 t = time.perf_counter(); s.row(0, s.q.shape[2] // 2); row = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"seconds": dt, "row_seconds": row, "peak_mb": (peak - base) / 1024, "tokens": s.q.shape[2]}))
+kept = sum(t.numel() * t.element_size() for a in tr.attention.values()
+           for t in (a.q, a.k, a.v, a.weights, a.bias, a.context, a.inputs, a.outputs) if t is not None)
+print(json.dumps({"seconds": dt, "row_seconds": row, "kept_mb": kept / 2**20, "tokens": s.q.shape[2]}))
 '''
 
 
@@ -197,7 +197,7 @@ def bench_scaling() -> list[dict]:
         rows.append({"what": f"capture scaling: {label}, {res['full']['tokens']} tokens", "baseline": "full matrices",
                      "seconds": res["on-demand"]["seconds"], "baseline_seconds": res["full"]["seconds"],
                      "ratio": res["on-demand"]["seconds"] / res["full"]["seconds"],
-                     "peak_mb": res["on-demand"]["peak_mb"], "baseline_peak_mb": res["full"]["peak_mb"],
+                     "kept_mb": res["on-demand"]["kept_mb"], "baseline_kept_mb": res["full"]["kept_mb"],
                      "row_ms": res["on-demand"]["row_seconds"] * 1000, "tokens": res["full"]["tokens"]})
     plot_scaling(rows)
     return rows
@@ -215,9 +215,9 @@ def plot_scaling(rows: list[dict]) -> None:
     a1.loglog(n, [r["baseline_seconds"] for r in grid], "o-", label="full matrices")
     a1.loglog(n, [r["seconds"] for r in grid], "s-", label="on-demand rows")
     a1.set(xlabel="tokens", ylabel="capture seconds", title="capture time")
-    a2.loglog(n, [max(r["baseline_peak_mb"], 0.1) for r in grid], "o-", label="full matrices")
-    a2.loglog(n, [max(r["peak_mb"], 0.1) for r in grid], "s-", label="on-demand rows")
-    a2.set(xlabel="tokens", ylabel="peak extra memory (MB)", title="capture memory")
+    a2.loglog(n, [r["baseline_kept_mb"] for r in grid], "o-", label="full matrices")
+    a2.loglog(n, [r["kept_mb"] for r in grid], "s-", label="on-demand rows")
+    a2.set(xlabel="tokens", ylabel="memory kept by the trace (MB)", title="capture memory")
     for a in (a1, a2):
         a.legend()
         a.grid(True, which="both", alpha=0.3)
@@ -240,7 +240,8 @@ def fmt(r: dict) -> str:
         a, b = f"{r['value']:.0f} img/s", f"{r['baseline_value']:.0f} img/s"
     else:
         a, b = f"{r['seconds'] * 1000:.1f} ms", f"{r['baseline_seconds'] * 1000:.1f} ms"
-    extra = f"; peak {r['peak_mb']:.0f} MB vs {r['baseline_peak_mb']:.0f} MB, one row {r['row_ms']:.2f} ms" if "peak_mb" in r else ""
+    extra = (f"trace keeps {r['kept_mb']:.1f} MB vs {r['baseline_kept_mb']:.1f} MB; one query row {r['row_ms']:.2f} ms"
+             if "kept_mb" in r else "")
     return f"| {r['what']} | {a} | {r['baseline']}: {b} | {r['ratio']:.2f}× | {r.get('target', '')}{extra} |"
 
 
