@@ -324,6 +324,19 @@ def analysis_for(handle: ModelHandle, choice: ImageChoice):
     return None
 
 
+
+def image_and_analysis(handle: ModelHandle, key: str, column) -> tuple[ImageChoice, Any]:
+    """The image source widget drawn in ``column``, then its cached analysis; stops the page
+    (after the widget's message or one ``st.error`` line) when there is no usable image."""
+    with column:
+        choice = image_source(key)
+    if choice is None:
+        st.stop()
+    analysis = analysis_for(handle, choice)
+    if analysis is None:
+        st.stop()
+    return choice, analysis
+
 def prediction_caption(analysis, choice: ImageChoice) -> str:
     cls, p = analysis.top(1)[0]
     text = f"Predicted **{cls}** ({p:.1%})"

@@ -41,13 +41,7 @@ def main() -> None:
     handle = ui.require_model()
 
     left, right = st.columns([1, 2], gap="large")
-    with left:
-        choice = ui.image_source("compare")
-    if choice is None:
-        st.stop()
-    analysis = ui.analysis_for(handle, choice)
-    if analysis is None:
-        st.stop()
+    choice, analysis = ui.image_and_analysis(handle, "compare", left)
     model, classes = handle.model, analysis.classes
 
     with left:

@@ -32,13 +32,7 @@ def main() -> None:
     handle = ui.require_model()
 
     left, right = st.columns([1, 1], gap="large")
-    with left:
-        choice = ui.image_source("explore")
-    if choice is None:
-        st.stop()
-    analysis = ui.analysis_for(handle, choice)
-    if analysis is None:
-        st.stop()
+    choice, analysis = ui.image_and_analysis(handle, "explore", left)
     trace = analysis.trace
     sites = trace.attention
     layer_now = st.session_state.get("layer") if st.session_state.get("layer") in sites else next(iter(sites), None)

@@ -39,13 +39,7 @@ def main() -> None:
 
     handle = ui.require_model()
     left, right = st.columns([1, 1], gap="large")
-    with left:
-        choice = ui.image_source("learn")
-    if choice is None:
-        st.stop()
-    analysis = ui.analysis_for(handle, choice)
-    if analysis is None:
-        st.stop()
+    choice, analysis = ui.image_and_analysis(handle, "learn", left)
     sites = analysis.trace.attention
     if not sites:
         other = analysis.trace.channel or analysis.trace.spatial
