@@ -12,19 +12,45 @@ import streamlit as st  # noqa: E402
 
 from pages import _shared as ui  # noqa: E402
 from visattn import figures, views  # noqa: E402
-from visattn import maps, plotting  # noqa: E402
+from visattn import maps, panels, plotting  # noqa: E402
 
 
-GRID_LAYERS = 4  # layers drawn by default: matplotlib needs seconds per dozen panels
+GRID_LAYERS = 4  # layers drawn by default: each adds a row of panels
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def grid_png(model_key: str, image_sha: str, yx: tuple[float, float], alpha: float, cmap: str,
+def grid_jpeg(model_key: str, image_sha: str, yx: tuple[float, float], alpha: float, cmap: str,
              layers: tuple[str, ...], _analysis) -> bytes:
-    """The layers × heads overlay grid for one query, as PNG (drawn once per setting)."""
+    """The layers × heads overlay grid for one query, as JPEG (a raster composed in numpy:
+    a query click must redraw it in milliseconds)."""
     layer_maps = {k: v for k, v in views.query_layer_maps(_analysis.trace, yx).items() if k in layers}
-    fig = plotting.overlay_grid_figure(views.shrink(_analysis.image, 128), layer_maps, alpha, cmap, yx)
-    return plotting.figure_to_png(fig, dpi=110)
+    return panels.to_jpeg(panels.overlay_grid_image(_analysis.image, layer_maps, alpha, cmap, yx))
+
+
+def grid_figure_png(analysis, yx: tuple[float, float], alpha: float, cmap: str, layers: tuple[str, ...]) -> bytes:
+    """The same grid drawn by matplotlib for the download (rendered only when asked for)."""
+    layer_maps = {k: v for k, v in views.query_layer_maps(analysis.trace, yx).items() if k in layers}
+    fig = plotting.overlay_grid_figure(views.shrink(analysis.image, 128), layer_maps, alpha, cmap, yx)
+    return plotting.figure_to_png(fig, dpi=150)
+
+
+@st.cache_resource(max_entries=64, show_spinner=False)
+def topk_figure(model_key: str, image_sha: str, _analysis):
+    """The top-k bar chart (read-only once built, so sessions may share it)."""
+    return plotting.topk_bar_figure(_analysis.classes, _analysis.probs, k=min(5, len(_analysis.classes)))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def query_free_overlays(model_key: str, image_sha: str, alpha: float, cmap: str, _analysis) -> list[tuple[str, bytes]]:
+    """Attention received by each position (last two layers) and rollout: they do not
+    depend on the query, so a click does not redraw them."""
+    trace = _analysis.trace
+    items = [(f"attention received ({name})", m) for name, m in views.received_maps(trace).items()][-2:]
+    roll = views.rollout_or_none(trace)
+    if roll is not None:
+        items.append(("attention rollout (all layers)", roll))
+    return [(title, panels.to_jpeg(figures.overlay_large(_analysis.image, maps.normalise(m), alpha, cmap)))
+            for title, m in items]
 
 
 def main() -> None:
@@ -42,8 +68,7 @@ def main() -> None:
         yx = ui.query_picker(analysis.image, sites[layer_now].grid if layer_now else None, key="explore")
     with right:
         st.markdown(ui.prediction_caption(analysis, choice))
-        ui.show_fig(plotting.topk_bar_figure(analysis.classes, analysis.probs, k=min(5, len(analysis.classes))),
-                    key="explore_topk")
+        ui.show_fig(topk_figure(handle.key, choice.sha, analysis), key="explore_topk")
         alpha, cmap = ui.look_controls()
 
     if not sites:
@@ -60,12 +85,13 @@ def main() -> None:
             shown = st.multiselect("Layers in the grid", names, default=spread, key=f"grid_layers_{handle.key}",
                                    help="Each extra layer adds a row of panels and takes longer to draw.") or spread
         with ui.guard("the overlay grid"), st.spinner("Drawing the overlays…"):
-            png = grid_png(handle.key, choice.sha, tuple(yx), alpha, cmap, tuple(shown), analysis)
-            st.image(png, caption="Rows: attention layers. Columns: heads, then their mean. One shared colour scale "
-                                  "(attention weight); the cyan + marks the query.")
+            jpeg = grid_jpeg(handle.key, choice.sha, tuple(yx), alpha, cmap, tuple(shown), analysis)
+            st.image(jpeg, caption="Rows: attention layers. Columns: heads, then their mean. One shared colour scale "
+                                  "(attention weight); the cyan + marks the query.", output_format="JPEG")
             c1, c2, _ = st.columns([1, 1, 2])
-            c1.download_button("Download figure (PNG)", png, file_name="attention_layers_heads.png", mime="image/png",
-                               key="dl_png")
+            c1.download_button("Download figure (PNG)",
+                               lambda: grid_figure_png(analysis, tuple(yx), alpha, cmap, tuple(shown)),
+                               file_name="attention_layers_heads.png", mime="image/png", key="dl_png")
             c2.download_button("Download raw maps (NPZ)",
                                lambda: plotting.maps_to_npz(views.raw_maps(trace, analysis.probs, yx)),
                                file_name="attention_maps.npz", mime="application/octet-stream", key="dl_npz")
@@ -79,21 +105,24 @@ def main() -> None:
                        f"{site.similarity} similarity), {'mean of heads' if head is None else f'head {head}'}: "
                        "the weights the layer really used, the raw dot product q·k, the cosine similarity and the "
                        "textbook softmax(q·k/√d_k).")
-            fig = plotting.similarity_figure(views.shrink(analysis.image, 128), sim, yx, cmap)
-            fig.update_layout(height=380, font={"size": 14})
-            ui.show_fig(fig, key="explore_similarity")
+            if st.toggle("Interactive charts (hover to read each value)", key="explore_interactive",
+                         help="Plotly charts: slower to redraw on every click."):
+                fig = plotting.similarity_figure(views.shrink(analysis.image, 128), sim, yx, cmap)
+                fig.update_layout(height=380, font={"size": 14})
+                ui.show_fig(fig, key="explore_similarity")
+            else:
+                st.image(panels.to_jpeg(panels.heatmap_panels(analysis.image, sim, plotting.SIMILARITY_LABELS, yx,
+                                                             cmap, size=200)), output_format="JPEG")
 
         st.header("Averaged over heads, and rolled out through the layers")
         with ui.guard("the averaged maps"):
-            panels = [("this query, mean of heads", sim["attention"])]
-            panels += [(f"attention received ({name})", m) for name, m in views.received_maps(trace).items()][-2:]
-            roll = views.rollout_or_none(trace)
-            if roll is not None:
-                panels.append(("attention rollout (all layers)", roll))
-            cols = st.columns(max(4, len(panels)))
-            for col, (title, m) in zip(cols, panels):
-                col.image(figures.overlay_large(analysis.image, maps.normalise(m), alpha, cmap), caption=title,
-                          width="stretch")
+            averaged = [("this query, mean of heads",
+                         panels.to_jpeg(figures.overlay_large(analysis.image, maps.normalise(sim["attention"]),
+                                                             alpha, cmap)))]
+            averaged += query_free_overlays(handle.key, choice.sha, alpha, cmap, analysis)
+            cols = st.columns(max(4, len(averaged)))
+            for col, (title, jpeg) in zip(cols, averaged):
+                col.image(jpeg, caption=title, width="stretch", output_format="JPEG")
             st.caption("Each map is scaled from its own minimum (dark) to its maximum (bright).")
 
     if trace.channel or trace.spatial:

@@ -157,9 +157,9 @@ def test_upload_click_query_and_every_page(server: str, driver, shots: Path, tmp
     assert "photo.jpg" in body
     driver.save_screenshot(str(shots / "explore.png"))
 
-    def maps_digest() -> str:
-        charts = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stPlotlyChart"]')
-        return hashlib.sha256(b"".join(c.screenshot_as_png for c in charts[1:2])).hexdigest()
+    def maps_digest() -> str:  # what the overlay grid and the similarity maps look like on screen
+        images = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"] img')
+        return hashlib.sha256(b"".join(i.screenshot_as_png for i in images[:2])).hexdigest()
 
     def slider_values() -> list[str]:
         return [e.get_attribute("value")
@@ -173,7 +173,7 @@ def test_upload_click_query_and_every_page(server: str, driver, shots: Path, tmp
     wait_for(driver, lambda: slider_values() != sliders_before, what="the query to move")
     idle(driver, settle=2)
     no_exception(driver)
-    assert maps_digest() != before, "the similarity maps did not change after the click"
+    assert maps_digest() != before, "the overlay grid and similarity maps did not change after the click"
     driver.save_screenshot(str(shots / "explore_after_click.png"))
 
     for title in ("Compare", "Train", "Models", "Learn"):

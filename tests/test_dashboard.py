@@ -108,8 +108,10 @@ def test_explore_upload_gives_predictions_and_overlays():
     assert not at.exception, problems(at)
     assert not errors(at), errors(at)
     assert any(m.value.startswith("Predicted **") for m in at.markdown)
-    assert len(at.get("plotly_chart")) >= 2  # top-k bars, similarity maps
-    assert len(at.image) >= 2  # the overlay grid, the averaged/rollout overlays
+    assert len(at.get("plotly_chart")) == 1  # top-k bars
+    assert len(at.image) >= 4  # the overlay grid, the similarity maps, the averaged/rollout overlays
+    at.toggle(key="explore_interactive").set_value(True).run()  # similarity maps as plotly charts
+    assert not at.exception and len(at.get("plotly_chart")) == 2, problems(at)
     assert {b.label for b in at.get("download_button")} == {"Download figure (PNG)", "Download raw maps (NPZ)"}
 
 

@@ -263,3 +263,51 @@ def test_bar_figures_and_exports():
     assert sorted(loaded.files) == sorted(arrays)
     for name, a in arrays.items():
         np.testing.assert_array_equal(loaded[name], a)
+
+
+# ----------------------------------------------------------------------------- raster panels (visattn.panels)
+def test_colourise_matches_the_matplotlib_colormap():
+    from visattn.panels import colourise
+
+    m = np.random.default_rng(0).random((5, 7)).astype(np.float32)
+    want = matplotlib.colormaps["viridis"]((m - m.min()) / (m.max() - m.min()))[..., :3] * 255
+    got = colourise(m, "viridis").astype(np.float64)
+    assert np.abs(got - want).max() <= 3.0  # 256-entry table: one step of quantisation at most
+    assert colourise(np.full((2, 2), 3.0), "gray").max() == 0  # constant map: the low end, no division by zero
+    clipped = colourise(np.array([[-1.0, 0.5, 2.0]]), "gray", vmin=0.0, vmax=1.0)[0, :, 0].tolist()
+    assert clipped == [0, 128, 255]
+
+
+def test_heatmap_panels_draw_each_map_cell_by_cell():
+    """Each heatmap's cell centres carry exactly the colour of that cell's value (own scale);
+    the brightest cell of the gray panel is the map's argmax."""
+    from visattn.panels import colourise, heatmap_panels
+
+    rng = np.random.default_rng(1)
+    maps = {"dot": rng.normal(size=(4, 4)), "cosine": rng.uniform(-1, 1, size=(2, 4, 4))}
+    labels = {"dot": "q·k (raw)", "cosine": "cos(q, k)"}
+    out = heatmap_panels(IMAGE, maps, labels, query_yx=None, cmap="gray", size=64)
+    assert out.dtype == np.uint8 and out.shape[1] > 3 * 64
+    title_h = out.shape[0] - 64
+    # the "dot" panel starts after the image (64 px) and the gap (18 px)
+    panel = out[title_h:, 64 + 18: 64 + 18 + 64]
+    centres = panel[8::16, 8::16]
+    np.testing.assert_array_equal(centres, colourise(maps["dot"], "gray"))
+    r, c = np.unravel_index(np.argmax(maps["dot"]), (4, 4))
+    assert centres[r, c].tolist() == [255, 255, 255]
+
+
+def test_overlay_grid_image_has_a_cell_per_head_and_marks_the_query():
+    from visattn.panels import CYAN, overlay_grid_image
+
+    maps = {"a": np.random.default_rng(2).random((3, 4, 4)), "b": np.random.default_rng(3).random((3, 2, 2))}
+    one = overlay_grid_image(IMAGE, {"a": maps["a"]}, size=64, query_yx=(0.5, 0.5))
+    two = overlay_grid_image(IMAGE, maps, size=64, query_yx=(0.5, 0.5))
+    assert two.shape[0] > 1.8 * one.shape[0] and two.shape[1] == one.shape[1]
+    assert one.shape[1] > 4 * 64  # three heads and their mean
+    cyan = np.all(one == CYAN, axis=-1)
+    cols = np.flatnonzero(cyan.any(axis=0))
+    groups = np.split(cols, np.flatnonzero(np.diff(cols) > 1) + 1)
+    assert len(groups) == 4  # the query cross in each of the four cells
+    without = overlay_grid_image(IMAGE, {"a": maps["a"]}, size=64, query_yx=None)
+    assert not np.all(without == CYAN, axis=-1).any()

@@ -16,6 +16,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from plotly.subplots import make_subplots
 
+from visattn import panels
 from visattn.maps import upsample
 
 #: Colour-scale titles of the similarity panels, in display order.
@@ -63,9 +64,7 @@ def overlay(
     """
     img = _rgb(image)
     m = upsample(map2d, img.shape[:2])
-    colour = matplotlib.colormaps[cmap](Normalize(vmin, vmax, clip=True)(m))[..., :3]
-    out = (1.0 - alpha) * img + alpha * colour
-    return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)
+    return panels.blend(np.asarray(image, dtype=np.uint8), panels.colourise(m, cmap, vmin, vmax), alpha)
 
 
 def overlay_grid_figure(
