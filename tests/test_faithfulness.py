@@ -130,6 +130,25 @@ def test_evaluate_methods_and_table():
     assert len(lines) == 4 and lines[2].startswith("| saliency |") and "deletion AUC" in lines[0]
 
 
+def test_attention_is_scored_per_layer():
+    """A model with several attention layers gets one row per layer, each from its own
+    site's weights (so the maps differ), plus rollout."""
+    torch.manual_seed(0)
+    model = create_model("hybrid_vit", depth=2).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    from visattn.explain import attention_layers, attention_map
+
+    layers = attention_layers(model, x[:1])
+    assert len(layers) == 2
+    first, last = (attention_map(model, x[:1], 0, layer=name).map for name in layers)
+    assert not np.allclose(first, last)
+    np.testing.assert_array_equal(last, attention_map(model, x[:1], 0).map)  # default: the last layer
+    results = evaluate_methods(model, x, [0, 1], methods=("attention", "rollout", "random"), steps=4)
+    assert set(results) == {f"attention ({name})" for name in layers} | {"rollout", "random"}
+    with pytest.raises(VisattnError, match="no attention layer"):
+        attention_map(model, x[:1], 0, layer="nope")
+
+
 def test_docstring_examples(tiny):
     x = torch.rand(4, 3, SIDE, SIDE)
     globs = {"model": tiny, "image": x[:1], "images": x, "maps": random_map((4, SIDE, SIDE)), "targets": [0, 1, 2, 3]}

@@ -115,3 +115,93 @@ def test_distributed_two_gloo_processes(tmp_path: Path) -> None:
     assert meta["epochs"] == 1
     steps = [json.loads(l) for l in (tmp_path / "ddp.metrics.jsonl").read_text().splitlines()]
     assert steps[-1]["type"] == "epoch"
+
+
+# ----------------------------------------------------------------------------- faults: full disk, two runs, one name
+def _no_temp_files(folder: Path) -> bool:
+    return not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_full_disk_keeps_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """A disk that fills while a checkpoint is written (ENOSPC from the kernel at fsync,
+    where a full disk shows itself for buffered writes): a clear error, the previous
+    checkpoint unchanged and loadable, no temporary file left."""
+    import errno
+
+    from visattn import checkpoint
+    from visattn.errors import WriteError
+
+    out = tmp_path / "m.safetensors"
+    train(cfg(out, epochs=1, subset=256, eval_subset=50))
+    before = out.read_bytes()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    with pytest.raises(WriteError, match="No space left on device.*previous file is unchanged"):
+        train(cfg(out, epochs=1, subset=256, eval_subset=50, seed=5))
+    assert out.read_bytes() == before and _no_temp_files(tmp_path)
+    load_checkpoint(out)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """A real 512 KiB file system (tmpfs); skipped where mounting is not permitted."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root): the fault-injection test covers a full disk")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_for_real_from_the_cli(tiny_disk: Path) -> None:
+    """On a real full file system: a tiny checkpoint fits, the default model's (4.6 MB)
+    does not; the CLI says so in one line, keeps the tiny one and leaves no temp file."""
+    out = tiny_disk / "m.safetensors"
+    base = ["train", "--data", str(DATA), "--epochs", "1", "--batch-size", "128", "--subset", "256",
+            "--eval-subset", "50", "--out", str(out)]
+    small = cli(*base, "--set", "widths=(8,16,16)", "--set", "heads=2")
+    assert small.wait(timeout=300) == 0, small.stdout.read()
+    before = out.read_bytes()
+    (tiny_disk / "m.state.safetensors").unlink()  # keep room only for the failed write to fill
+    big = cli(*base)
+    assert big.wait(timeout=300) == 2
+    text = big.stdout.read()
+    assert "Traceback" not in text and "No space left on device" in text, text
+    assert out.read_bytes() == before and _no_temp_files(tiny_disk)
+    load_checkpoint(out)
+
+
+def test_two_runs_with_one_output_name_do_not_mix(tmp_path: Path) -> None:
+    """While a run writes OUT, a second run on OUT is refused with one line (it would
+    interleave checkpoints, state and metrics); a SIGKILLed run's lock does not outlive it."""
+    out = tmp_path / "same.safetensors"
+    args = ["train", "--set", "widths=(8,16,16)", "--set", "heads=2", "--data", str(DATA), "--batch-size", "128",
+            "--eval-subset", "50", "--out", str(out)]
+    first = cli(*args, "--epochs", "30", "--subset", "4096")
+    lock = tmp_path / "same.safetensors.lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and not lock.exists():
+        time.sleep(0.05)
+    second = cli(*args, "--epochs", "1", "--subset", "256")
+    assert second.wait(timeout=120) == 2
+    assert first.poll() is None, "the first run ended before the second started: the test proves nothing"
+    text = second.stdout.read()
+    assert "another run is writing" in text and "Traceback" not in text, text
+    assert lock.read_text().strip() == str(first.pid)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "same.state.safetensors").exists():
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    epochs = [json.loads(l) for l in (tmp_path / "same.metrics.jsonl").read_text().splitlines()]
+    assert {e["epoch"] for e in epochs} <= set(range(1, 31)) and all(e.get("epochs", 30) == 30 for e in epochs)
+    third = cli(*args, "--epochs", "30", "--subset", "4096", "--resume", "--stop-after", "1")
+    assert third.wait(timeout=300) == 0, third.stdout.read()  # the kill freed the lock
+    assert not lock.exists()
+    load_checkpoint(out)

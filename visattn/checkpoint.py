@@ -19,7 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from visattn.errors import CheckpointError
+from visattn.errors import CheckpointError, WriteError
 from visattn.models import create_model, list_models
 
 MAX_CHECKPOINT_BYTES = 200 * 1024 * 1024
@@ -29,10 +29,15 @@ _INT_BOUND = 4096  # no config integer (width, depth, heads, image size, classes
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: all or nothing."""
+    """Write ``data`` to ``path`` through a temporary file and a rename: all or nothing.
+    A failure (full disk, no permission) raises :class:`WriteError` and leaves ``path``
+    as it was, with no temporary file behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -40,8 +45,10 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise WriteError(f"cannot write {path}: {e.strerror or e}; the previous file is unchanged") from e
         raise
 
 

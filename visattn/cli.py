@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("cutout", int), ("init", str), ("subset", int), ("eval-subset", int), ("seed", int), ("cache", str), ("stop-after", int)]:
         t.add_argument(f"--{name}", type=typ)
     t.add_argument("--compile", action="store_true", default=None)
+    t.add_argument("--no-amp", dest="amp", action="store_false", default=None,
+                   help="train in float32 (default: bf16 autocast on CUDA and on CPUs with native bf16)")
     t.set_defaults(func=cmd_train)
 
     m = sub.add_parser("models", help="the registry and the shipped checkpoints")

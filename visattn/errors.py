@@ -15,3 +15,7 @@ class CheckpointError(VisattnError):
 
 class TrainingError(VisattnError):
     """A training run that cannot go on (non-finite loss, unwritable output)."""
+
+
+class WriteError(VisattnError):
+    """A file that could not be written (full disk, no permission); the previous version is kept."""

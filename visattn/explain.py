@@ -270,19 +270,32 @@ def _from_trace(name: str, model: nn.Module, image: Tensor, target: int | None,
     return _explanation(name, torch.as_tensor(m), target, t0)
 
 
-def _received(sites: list[AttentionSite]) -> np.ndarray:
-    site, p = sites[-1], sites[-1].prefix
+def _received(site: AttentionSite) -> np.ndarray:
+    p = site.prefix
     return site.full_weights(0)[:, p:, p:].float().mean(dim=(0, 1)).reshape(site.grid).cpu().numpy()
 
 
-def attention_map(model: nn.Module, image: Tensor, target: int | None = None) -> Explanation | None:
-    """Attention received by each grid token at the last attention site: weights averaged
-    over heads and over grid queries, upsampled. None if the model has no attention site.
+def attention_map(model: nn.Module, image: Tensor, target: int | None = None,
+                  layer: str | None = None) -> Explanation | None:
+    """Attention received by each grid token at one attention site (``layer``, a name
+    from the model's trace; None: the last one): weights averaged over heads and over
+    grid queries, upsampled. None if the model has no attention site.
 
     >>> attention_map(create_model("sa_cnn").eval(), torch.rand(1, 3, 32, 32)).map.shape
     (32, 32)
     """
-    return _from_trace("attention", model, image, target, _received)
+    def at_layer(sites: list[AttentionSite]) -> np.ndarray:
+        site = sites[-1] if layer is None else next((s for s in sites if s.name == layer), None)
+        if site is None:
+            raise ExplainError(f"no attention layer {layer!r}; the model has {[s.name for s in sites]}")
+        return _received(site)
+
+    return _from_trace("attention", model, image, target, at_layer)
+
+
+def attention_layers(model: nn.Module, image: Tensor) -> list[str]:
+    """Names of the model's attention sites, in forward order (empty without attention)."""
+    return list(capture(model, _prepare(model, image).detach()).attention)
 
 
 def rollout(model: nn.Module, image: Tensor, target: int | None = None,

@@ -197,7 +197,8 @@ def evaluate_methods(model: nn.Module, images: Tensor, targets: Tensor | list[in
                      baseline: str = "blur") -> dict[str, dict[str, float]]:
     """Mean deletion/insertion AUC and map time per method over a batch of images.
 
-    Methods that do not apply to the model (attention maps without attention) are left out.
+    Methods that do not apply to the model (attention maps without attention) are left
+    out; "attention" is scored per layer ("attention (name)") when there are several.
 
     Args:
         model: classifier. images: (B, 3, H, W). targets: (B,); None: predicted classes.
@@ -207,24 +208,19 @@ def evaluate_methods(model: nn.Module, images: Tensor, targets: Tensor | list[in
     >>> evaluate_methods(model, images, methods=("saliency", "random"))["random"].keys()
     dict_keys(['deletion_auc', 'insertion_auc', 'seconds_per_image'])
     """
-    from visattn.explain import METHODS
-
     if targets is None:
         with torch.no_grad():
             targets = model(images.to(_device(model, images))).argmax(1)
     targets = [int(t) for t in torch.as_tensor(targets).reshape(-1)]
     results = {}
-    for name in methods:
+    for name, map_of in _map_makers(model, images, methods).items():
         maps, seconds = [], 0.0
         for i, target in enumerate(targets):
             t0 = time.perf_counter()
-            if name == "random":
-                maps.append(random_map(tuple(images.shape[-2:]), seed=i))
-            else:
-                e = METHODS[name](model, images[i : i + 1], target)
-                if e is None:
-                    break
-                maps.append(e.map)
+            m = map_of(i, target)
+            if m is None:
+                break
+            maps.append(m)
             seconds += time.perf_counter() - t0
         if len(maps) < len(targets):
             continue
@@ -234,6 +230,31 @@ def evaluate_methods(model: nn.Module, images: Tensor, targets: Tensor | list[in
             "seconds_per_image": seconds / len(targets),
         }
     return results
+
+
+def _map_makers(model: nn.Module, images: Tensor,
+                methods: tuple[str, ...]) -> dict[str, Callable[[int, int], np.ndarray | None]]:
+    """``{label: (image index, target) -> (H, W) map or None}``; "attention" becomes one
+    entry per attention layer ("attention (layer)") when the model has more than one."""
+    from visattn.explain import METHODS, attention_layers, attention_map
+
+    def of(method: Callable, **kw) -> Callable[[int, int], np.ndarray | None]:
+        def make(i: int, target: int) -> np.ndarray | None:
+            e = method(model, images[i : i + 1], target, **kw)
+            return None if e is None else e.map
+        return make
+
+    makers: dict[str, Callable[[int, int], np.ndarray | None]] = {}
+    for name in methods:
+        if name == "random":
+            makers[name] = lambda i, _t: random_map(tuple(images.shape[-2:]), seed=i)
+        elif name not in METHODS:
+            raise VisattnError(f"unknown method {name!r}; known: {', '.join((*METHODS, 'random'))}")
+        elif name == "attention" and len(layers := attention_layers(model, images[:1])) > 1:
+            makers.update({f"attention ({layer})": of(attention_map, layer=layer) for layer in layers})
+        else:
+            makers[name] = of(METHODS[name])
+    return makers
 
 
 def markdown_table(results: dict[str, dict[str, float]]) -> str:

@@ -8,14 +8,18 @@ Examples:
     torchrun --nproc_per_node 2 -m visattn train ...   # DistributedDataParallel
 
 Each run writes, beside ``--out``: ``NAME.metrics.jsonl`` (one JSON line per interval
-and per epoch) and ``NAME.state.safetensors`` (weights, optimiser, epoch: for --resume).
+and per epoch), ``NAME.state.safetensors`` (weights, optimiser, epoch: for --resume) and,
+while it runs, ``NAME.safetensors.lock``.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 20  # steps between metric lines
     compile: bool = False  # torch.compile (CUDA)
+    amp: bool = True  # bf16 autocast: on CUDA, and on CPUs with native bf16 (AVX512-BF16, AMX)
     cache: str | None = None  # decoded data-set cache folder
     stop_after: int = 0  # stop after this many epochs of this call (tests of --resume)
     init: str | None = None  # start from this checkpoint's weights (fine-tuning), not from scratch
@@ -64,6 +69,16 @@ def paths(out: str) -> dict[str, Path]:
     p = Path(out)
     stem = p.name.removesuffix(".safetensors")
     return {"out": p, "metrics": p.with_name(stem + ".metrics.jsonl"), "state": p.with_name(stem + ".state.safetensors")}
+
+
+def amp_enabled(device: torch.device, wanted: bool = True) -> bool:
+    """Whether bf16 autocast speeds training up here: always on CUDA; on a CPU only with
+    native bf16 instructions (elsewhere oneDNN emulates them, slower than float32)."""
+    if not wanted:
+        return False
+    if device.type == "cuda":
+        return True
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -143,11 +158,48 @@ def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tupl
 
 
 # ----------------------------------------------------------------------------- the run
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold ``OUT.lock`` for a run (an flock, released by the kernel even on SIGKILL): a
+    second run with the same output stops with a clear error instead of interleaving its
+    checkpoint, state and metrics with this one's."""
+    lock = out.with_name(out.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TrainingError(f"another run is writing {out} (it holds {lock}); wait for it or choose another "
+                                "--out") from None
+        try:  # the lock file may have been removed between our open and our lock: then take the new one
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """Train ``cfg.model`` on ``cfg.data``; returns the model and its checkpoint's metadata."""
+    """Train ``cfg.model`` on ``cfg.data``; returns the model and its checkpoint's metadata.
+    One run at a time per output file (see :func:`run_lock`)."""
+    rank, _ = dist_info()
+    with run_lock(Path(cfg.out)) if rank == 0 else nullcontext():
+        return _train(cfg, resume)
+
+
+def _train(cfg: TrainConfig, resume: bool) -> tuple[nn.Module, dict[str, Any]]:
     rank, world = dist_info()
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
-    cuda = device.type == "cuda"
+    amp = amp_enabled(device, cfg.amp)
     torch.manual_seed(cfg.seed)
     p = paths(cfg.out)
     train_split = load_split(cfg.data, "train", cache=cfg.cache)
@@ -204,7 +256,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> tuple[nn.Module, dict[str, 
             x = augment(images[idx.to(device)], flips[idx].to(device), cfg.pad, cfg.cutout, gen)
             x = normalise(x, mean, std).contiguous(memory_format=torch.channels_last)
             y = labels[idx.to(device)]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = fwd(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
