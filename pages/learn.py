@@ -28,6 +28,16 @@ def big(text: str) -> None:
     st.markdown(f"<div style='font-size:1.3rem;line-height:1.6'>{text}</div>", unsafe_allow_html=True)
 
 
+def heatmap_beside(les, values: np.ndarray, title: str, colorbar: str, fmt: str, key: str):
+    """A large heatmap of one number per position (each written in its cell) on the left;
+    returns the right-hand column, for the table that goes beside it."""
+    left, right = st.columns([3, 2])
+    with left:
+        ui.show_fig(figures.heatmap_figure(les.to_grid(values), title, colorbar, les.cell, st.session_state["cmap"],
+                                           height=480, text=True, fmt=fmt), key=key)
+    return right
+
+
 def main() -> None:
     st.title("Learn: how self-attention works, step by step")
     big("Every position of the image asks a <b>question</b> (its query <b>Q</b>), offers a <b>label</b> (its key "
@@ -87,12 +97,7 @@ def main() -> None:
     st.header("Step 2 · Compare the query with every key: the scores Q·Kᵀ")
     big("Multiply the query with each key number by number and add up: a <b>dot product</b>. A big score means "
         "that key answers the question well.")
-    c1, c2 = st.columns([3, 2])
-    with c1:
-        ui.show_fig(figures.heatmap_figure(les.to_grid(les.dot), "score q·k for every position", "q·k", les.cell,
-                                           st.session_state["cmap"], height=480, text=True, fmt=".1f"),
-                    key="learn_scores")
-    with c2:
+    with heatmap_beside(les, les.dot, "score q·k for every position", "q·k", ".1f", key="learn_scores"):
         order = np.argsort(-les.dot)[:5]
         st.dataframe({"position": [key_name(site, int(j)) for j in order],
                       "score q·k": [float(les.dot[j]) for j in order]}, hide_index=True, width="stretch")
@@ -109,12 +114,7 @@ def main() -> None:
     if les.bias is not None:
         scaled += " It also adds a learned bonus for each relative offset (relative position bias)."
     big(scaled + " Then <b>softmax</b> turns the scores into weights: all positive, adding up to exactly 1.")
-    c1, c2 = st.columns([3, 2])
-    with c1:
-        ui.show_fig(figures.heatmap_figure(les.to_grid(les.weights), "attention weights", "weight", les.cell,
-                                           st.session_state["cmap"], height=480, text=True, fmt=".2f"),
-                    key="learn_weights")
-    with c2:
+    with heatmap_beside(les, les.weights, "attention weights", "weight", ".2f", key="learn_weights"):
         st.dataframe({"key position": [t[1] for t in les.top], "weight": [t[2] for t in les.top]},
                      hide_index=True, width="stretch",
                      column_config={"weight": st.column_config.ProgressColumn(format="%.3f", min_value=0.0,

@@ -112,26 +112,31 @@ def colour_bar(vmin: float, vmax: float, cmap: str, height: int, label: str, tic
     return np.asarray(img)
 
 
-def hstack(panels: list[np.ndarray], gap: int = GAP) -> np.ndarray:
-    """Panels side by side, top-aligned on white, ``gap`` px apart."""
-    h = max(p.shape[0] for p in panels)
+def _stack(panels: list[np.ndarray], axis: int, gap: int) -> np.ndarray:
+    """Concatenate along ``axis`` (1: side by side, 0: one above the other), padding the
+    other side with white to the largest panel (top/left-aligned), ``gap`` px apart."""
+    other = 1 - axis
+    size = max(p.shape[other] for p in panels)
     out = []
     for i, p in enumerate(panels):
         if i:
-            out.append(np.full((h, gap, 3), WHITE, np.uint8))
-        out.append(np.pad(p, ((0, h - p.shape[0]), (0, 0), (0, 0)), constant_values=WHITE))
-    return np.concatenate(out, axis=1)
+            shape = [size, size, 3]
+            shape[axis] = gap
+            out.append(np.full(shape, WHITE, np.uint8))
+        pad = [(0, 0), (0, 0), (0, 0)]
+        pad[other] = (0, size - p.shape[other])
+        out.append(np.pad(p, pad, constant_values=WHITE))
+    return np.concatenate(out, axis=axis)
+
+
+def hstack(panels: list[np.ndarray], gap: int = GAP) -> np.ndarray:
+    """Panels side by side, top-aligned on white, ``gap`` px apart."""
+    return _stack(panels, 1, gap)
 
 
 def vstack(panels: list[np.ndarray], gap: int = GAP) -> np.ndarray:
     """Panels one above the other, left-aligned on white, ``gap`` px apart."""
-    w = max(p.shape[1] for p in panels)
-    out = []
-    for i, p in enumerate(panels):
-        if i:
-            out.append(np.full((gap, w, 3), WHITE, np.uint8))
-        out.append(np.pad(p, ((0, 0), (0, w - p.shape[1]), (0, 0)), constant_values=WHITE))
-    return np.concatenate(out, axis=0)
+    return _stack(panels, 0, gap)
 
 
 def blend(base: np.ndarray, colour: np.ndarray, alpha: float) -> np.ndarray:
