@@ -60,6 +60,13 @@ def main() -> None:
         with c2:
             cam_layer = ui.persistent(st.selectbox, "Grad-CAM layer", "cam_layer", options=cam_layers or [None],
                                       help="Grad-CAM weighs this layer's feature maps by their gradients.")
+        attn_layers = list(analysis.trace.attention)
+        attn_layer = None
+        if len(attn_layers) > 1:
+            if st.session_state.get("attn_layer") not in attn_layers:
+                st.session_state["attn_layer"] = attn_layers[-1]
+            attn_layer = ui.persistent(st.selectbox, "Attention layer", "attn_layer", options=attn_layers,
+                                       help="Whose attention (received by each position, mean of heads) to compare.")
         alpha, cmap = ui.look_controls()
     target_idx = analysis.predicted if target == -1 else int(target)
 
@@ -80,15 +87,23 @@ def main() -> None:
     for i, name in enumerate(todo):
         bar.progress(i / len(todo), text=f"Computing {evaluation.METHOD_LABELS[name]}…")
         with ui.guard(evaluation.METHOD_LABELS[name]):
-            results[name] = explanation(handle.key, choice.sha, name, target_idx,
-                                        cam_layer if name == "grad_cam" else None, model, analysis.tensor)
+            layer = {"grad_cam": cam_layer, "attention": attn_layer}.get(name)
+            results[name] = explanation(handle.key, choice.sha, name, target_idx, layer, model, analysis.tensor)
     bar.empty()
+    found = {n: e.map for n, e in results.items() if e is not None}
+    faith = None
+    if slow_ok:
+        with ui.guard("the faithfulness scores"), st.spinner("Deleting and inserting pixels…"):
+            faith = faithfulness(handle.key, choice.sha, target_idx, f"{cam_layer}|{attn_layer}", tuple(found), model,
+                                 analysis.tensor, found)
+    checked = st.session_state.get("sanity_result")
 
     for row in (METHODS[:3], METHODS[3:]):
         for col, name in zip(st.columns(3), row):
             e = results.get(name)
             with col:
-                st.subheader(evaluation.METHOD_LABELS[name])
+                st.subheader(evaluation.METHOD_LABELS[name] if name != "attention" or attn_layer is None
+                             else f"Attention ({attn_layer})")
                 if name not in todo:
                     st.caption("slow for this model: use the button above")
                     continue
@@ -100,25 +115,22 @@ def main() -> None:
                 st.image(figures.overlay_large(analysis.image, maps.normalise(e.map), alpha, cmap), width="stretch")
                 layer_note = f" · layer {cam_layer}" if name == "grad_cam" else ""
                 st.caption(f"computed in {e.seconds:.2f} s{layer_note} · scaled from min (dark) to max (bright)")
+                if faith and name in faith:
+                    st.markdown(f"deletion AUC **{faith[name]['deletion_auc']:.3f}** ↓ · insertion AUC "
+                                f"**{faith[name]['insertion_auc']:.3f}** ↑ (random map: "
+                                f"{faith['random']['deletion_auc']:.3f} / {faith['random']['insertion_auc']:.3f})")
+                if checked and checked[0][:4] == (handle.key, choice.sha, target_idx, name):
+                    rho, suspicious = checked[1]
+                    st.markdown(f"sanity check: final ρ = {rho[-1][1]:.2f} · "
+                                + ("**suspicious**: barely changed by random weights" if suspicious else "passed"))
 
     st.header("How faithful is each map?")
     st.markdown("**Deletion:** blur away the pixels the map ranks highest first; a faithful map makes the class "
                 "probability fall fast (**low** area under the curve). **Insertion:** start from the blurred image and "
                 "restore those pixels first; the probability should rise fast (**high** area). "
                 "A random map is the floor.")
-    found = {n: e.map for n, e in results.items() if e is not None}
-    faith = None
     if not slow_ok:
         st.caption("Computed with the slow methods (button above).")
-    else:
-        with ui.guard("the faithfulness scores"):
-            try:
-                with st.spinner("Deleting and inserting pixels…"):
-                    faith = faithfulness(handle.key, choice.sha, target_idx, cam_layer, tuple(found), model,
-                                         analysis.tensor, found)
-            except ImportError:
-                st.info("Deletion/insertion scores need the visattn.faithfulness module, "
-                        "which this installation lacks.")
     if faith:
         table = [{"method": evaluation.METHOD_LABELS.get(n, n), "deletion AUC ↓": r["deletion_auc"],
                   "insertion AUC ↑": r["insertion_auc"],
@@ -146,11 +158,12 @@ def main() -> None:
         n_layers = sum(1 for _, m in model.named_modules() if any(True for _ in m.parameters(recurse=False)))
         st.caption(f"For this model the check recomputes the map {n_layers} times (once per layer): "
                    "expect many minutes.")
-    run_key = (handle.key, choice.sha, target_idx, method, cam_layer if method == "grad_cam" else None)
+    run_key = (handle.key, choice.sha, target_idx, method, {"grad_cam": cam_layer, "attention": attn_layer}.get(method))
     if c2.button("Run the sanity check", key="sanity_run", disabled=not available):
         spinner = st.spinner(f"Randomising layers and recomputing {evaluation.METHOD_LABELS[method]}…")
         with ui.guard("the sanity check"), spinner:
             st.session_state["sanity_result"] = (run_key, sanity(*run_key, model, analysis.tensor))
+            st.rerun()  # show the verdict beside the map above too
     stored = st.session_state.get("sanity_result")
     if stored and stored[0] == run_key:
         rho, suspicious = stored[1]

@@ -298,3 +298,27 @@ def test_enlarge_marks_the_query():
     img = np.zeros((32, 32, 3), np.uint8)
     big = views.enlarge(img, 320, (0.5, 0.5), (8, 8))
     assert big.shape == (320, 320, 3) and (big[160, 150:170] == [0, 255, 255]).all(-1).any()
+
+
+@needs_checkpoint
+@needs_data()
+def test_compare_scores_each_map_beside_it_per_attention_layer():
+    """On a model with several attention layers, Compare offers each layer's attention;
+    every map has its deletion/insertion AUCs beside it, and a sanity verdict appears
+    beside the map it checked."""
+    at = app("pages/compare.py").run()
+    label = next(lab for lab in at.sidebar.selectbox(key="checkpoint_label").options if "hybrid_vit" in lab)
+    at.sidebar.selectbox(key="checkpoint_label").set_value(label).run()
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    layers = at.selectbox(key="_w_attn_layer").options
+    assert len(layers) == 4 and at.selectbox(key="_w_attn_layer").value == layers[-1]
+    aucs = [m.value for m in at.markdown if m.value.startswith("deletion AUC")]
+    assert len(aucs) == 6, aucs  # attention, rollout, Grad-CAM, IG, saliency, occlusion
+    at.selectbox(key="_w_attn_layer").set_value(layers[0]).run()
+    assert not at.exception and any(s.value == f"Attention ({layers[0]})" for s in at.subheader)
+    after = [m.value for m in at.markdown if m.value.startswith("deletion AUC")]
+    assert after[0] != aucs[0] and after[1:] == aucs[1:]  # only the attention map changed
+    at.selectbox(key="sanity_method").set_value("saliency")
+    at.button(key="sanity_run").click().run()
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    assert sum(m.value.startswith("sanity check: final ρ") for m in at.markdown) == 1

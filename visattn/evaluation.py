@@ -98,7 +98,7 @@ def head_statistics(model: nn.Module, meta: dict[str, Any], images: torch.Tensor
 
 # ----------------------------------------------------------------------------- Compare page
 METHOD_LABELS = {
-    "attention": "Attention (last layer)", "rollout": "Attention rollout", "grad_cam": "Grad-CAM",
+    "attention": "Attention (received)", "rollout": "Attention rollout", "grad_cam": "Grad-CAM",
     "integrated_gradients": "Integrated gradients", "saliency": "Saliency", "occlusion": "Occlusion",
 }
 
@@ -118,7 +118,8 @@ def is_heavy(model: nn.Module, meta: dict[str, Any]) -> bool:
 
 
 def explain_one(model: nn.Module, tensor: torch.Tensor, method: str, target: int, layer: str | None = None):
-    """One ``visattn.explain`` method (``layer``: Grad-CAM's); None when it does not apply
+    """One ``visattn.explain`` method (``layer``: Grad-CAM's, or the attention site's for
+    "attention"); None when it does not apply
     (attention maps of a model without attention)."""
     from visattn import explain
 
@@ -127,7 +128,7 @@ def explain_one(model: nn.Module, tensor: torch.Tensor, method: str, target: int
            "occlusion": explain.occlusion}
     if method not in fns:
         raise VisattnError(f"unknown method {method!r}; known: {', '.join(fns)}")
-    if method == "grad_cam":
+    if method in ("grad_cam", "attention"):
         return fns[method](model, tensor, target, layer=layer)
     if method == "occlusion":  # the patch grows with the image: about 15×15 positions whatever the size
         side = int(tensor.shape[-1])
