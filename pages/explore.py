@@ -24,7 +24,7 @@ def grid_jpeg(model_key: str, image_sha: str, yx: tuple[float, float], alpha: fl
     """The layers × heads overlay grid for one query, as JPEG (a raster composed in numpy:
     a query click must redraw it in milliseconds)."""
     layer_maps = {k: v for k, v in views.query_layer_maps(_analysis.trace, yx).items() if k in layers}
-    return panels.to_jpeg(panels.overlay_grid_image(_analysis.image, layer_maps, alpha, cmap, yx))
+    return panels.to_jpeg(panels.overlay_grid_image(_analysis.image, layer_maps, alpha, cmap, yx, size=160))
 
 
 def grid_figure_png(analysis, yx: tuple[float, float], alpha: float, cmap: str, layers: tuple[str, ...]) -> bytes:
