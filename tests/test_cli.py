@@ -83,6 +83,21 @@ def test_models_lists_registry_and_shipped(capsys) -> None:
 
 
 @needs_data()
+def test_faithfulness_json_and_table_on_real_test_images(capsys) -> None:
+    ckpt = str(ROOT / "checkpoints" / "hybrid_vit.safetensors")
+    args = ["faithfulness", ckpt, "--data", str(DATA), "--n", "3", "--steps", "4"]
+    assert main([*args, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    layers = [k for k in r if k.startswith("attention (")]
+    assert len(layers) == 4 and {"rollout", "grad_cam", "saliency", "occlusion", "random"} <= set(r)
+    for scores in r.values():
+        assert set(scores["baselines"]) == {"blur", "mean"}
+        assert all(0 <= v <= 1 for b in scores["baselines"].values() for v in b.values())
+    assert main([*args, "--baselines", "mean"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| method | deletion AUC ↓ | insertion AUC ↑") and len(table) == 2 + len(r)
+
+@needs_data()
 def test_eval_json_on_real_test_images(ckpt: Path, capsys) -> None:
     assert main(["eval", str(ROOT / "checkpoints" / "sa_cnn.safetensors"), "--data", str(DATA), "--n", "500", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)

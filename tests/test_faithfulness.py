@@ -128,6 +128,13 @@ def test_evaluate_methods_and_table():
     table = markdown_table(results)
     lines = table.splitlines()
     assert len(lines) == 4 and lines[2].startswith("| saliency |") and "deletion AUC" in lines[0]
+    both = evaluate_methods(model, x, [0, 0], methods=("saliency", "random"), steps=8, baselines=("blur", "mean"))
+    assert both["saliency"]["deletion_auc"] == both["saliency"]["baselines"]["blur"]["deletion_auc"]
+    for b in ("blur", "mean"):  # the region model: saliency beats random under either baseline
+        s, r = both["saliency"]["baselines"][b], both["random"]["baselines"][b]
+        assert s["deletion_auc"] < r["deletion_auc"] and s["insertion_auc"] > r["insertion_auc"]
+    header = markdown_table(both).splitlines()[0]
+    assert header.count("(blur)") == 2 and header.count("(mean)") == 2
 
 
 def test_attention_is_scored_per_layer():

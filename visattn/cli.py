@@ -152,7 +152,7 @@ def cmd_faithfulness(a: argparse.Namespace) -> int:
     model, meta = load_checkpoint(a.checkpoint)
     split = load_split(a.data, "test", cache=a.cache).subset(a.n)
     images = normalise(split.images, meta["mean"], meta["std"])
-    results = evaluate_methods(model, images, split.labels, steps=a.steps)
+    results = evaluate_methods(model, images, split.labels, steps=a.steps, baselines=tuple(a.baselines))
     print(json.dumps(results, indent=2) if a.json else markdown_table(results))
     return 0
 
@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", default="../shared/datasets/cifar10")
     f.add_argument("--n", type=int, default=500)
     f.add_argument("--steps", type=int, default=16)
+    f.add_argument("--baselines", nargs="+", choices=("blur", "mean"), default=["blur", "mean"],
+                   help="what removed pixels become: a strong blur, or the image's mean colour (each map scored "
+                        "under each)")
     f.add_argument("--cache")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_faithfulness)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -194,20 +194,24 @@ def sanity_flag(correlations: list[tuple[str, float]], threshold: float = 0.5) -
 
 def evaluate_methods(model: nn.Module, images: Tensor, targets: Tensor | list[int] | None = None,
                      methods: tuple[str, ...] = EVAL_METHODS, steps: int = 16,
-                     baseline: str = "blur") -> dict[str, dict[str, float]]:
+                     baselines: tuple[str, ...] = ("blur",)) -> dict[str, dict[str, Any]]:
     """Mean deletion/insertion AUC and map time per method over a batch of images.
 
     Methods that do not apply to the model (attention maps without attention) are left
     out; "attention" is scored per layer ("attention (name)") when there are several.
+    Each map is computed once and scored under every baseline in ``baselines``
+    ("blur", "mean"); the top-level AUCs are the first baseline's.
 
     Args:
         model: classifier. images: (B, 3, H, W). targets: (B,); None: predicted classes.
-        methods: names from ``visattn.explain.METHODS`` or "random". steps, baseline: as for
+        methods: names from ``visattn.explain.METHODS`` or "random". steps: as for
             :func:`deletion_insertion`.
 
     >>> evaluate_methods(model, images, methods=("saliency", "random"))["random"].keys()
-    dict_keys(['deletion_auc', 'insertion_auc', 'seconds_per_image'])
+    dict_keys(['deletion_auc', 'insertion_auc', 'seconds_per_image', 'baselines'])
     """
+    if not baselines:
+        raise VisattnError("at least one baseline is needed")
     if targets is None:
         with torch.no_grad():
             targets = model(images.to(_device(model, images))).argmax(1)
@@ -224,11 +228,11 @@ def evaluate_methods(model: nn.Module, images: Tensor, targets: Tensor | list[in
             seconds += time.perf_counter() - t0
         if len(maps) < len(targets):
             continue
-        r = deletion_insertion(model, images, np.stack(maps), targets, steps=steps, baseline=baseline)
-        results[name] = {
-            "deletion_auc": float(r["deletion_auc"].mean()), "insertion_auc": float(r["insertion_auc"].mean()),
-            "seconds_per_image": seconds / len(targets),
-        }
+        scores = {}
+        for b in baselines:
+            r = deletion_insertion(model, images, np.stack(maps), targets, steps=steps, baseline=b)
+            scores[b] = {"deletion_auc": float(r["deletion_auc"].mean()), "insertion_auc": float(r["insertion_auc"].mean())}
+        results[name] = {**scores[baselines[0]], "seconds_per_image": seconds / len(targets), "baselines": scores}
     return results
 
 
@@ -257,15 +261,22 @@ def _map_makers(model: nn.Module, images: Tensor,
     return makers
 
 
-def markdown_table(results: dict[str, dict[str, float]]) -> str:
-    """The results of :func:`evaluate_methods` as a Markdown table, best deletion first.
+def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    """The results of :func:`evaluate_methods` as a Markdown table, best insertion first;
+    one deletion and one insertion column per baseline.
 
     >>> print(markdown_table({"saliency": {"deletion_auc": 0.1, "insertion_auc": 0.6, "seconds_per_image": 0.01}}))
     | method | deletion AUC ↓ | insertion AUC ↑ | s / image |
     |---|---:|---:|---:|
     | saliency | 0.100 | 0.600 | 0.010 |
     """
-    lines = ["| method | deletion AUC ↓ | insertion AUC ↑ | s / image |", "|---|---:|---:|---:|"]
-    for name, r in sorted(results.items(), key=lambda kv: kv[1]["deletion_auc"]):
-        lines.append(f"| {name} | {r['deletion_auc']:.3f} | {r['insertion_auc']:.3f} | {r['seconds_per_image']:.3f} |")
+    first = next(iter(results.values()), {})
+    names = list(first.get("baselines", {})) if len(first.get("baselines", {})) > 1 else []
+    head = [f"deletion AUC ↓ ({b})" for b in names] + [f"insertion AUC ↑ ({b})" for b in names] if names else \
+        ["deletion AUC ↓", "insertion AUC ↑"]
+    lines = ["| method | " + " | ".join(head) + " | s / image |", "|---|" + "---:|" * (len(head) + 1)]
+    for name, r in sorted(results.items(), key=lambda kv: -kv[1]["insertion_auc"]):
+        cells = ([r["baselines"][b]["deletion_auc"] for b in names] + [r["baselines"][b]["insertion_auc"] for b in names]
+                 if names else [r["deletion_auc"], r["insertion_auc"]])
+        lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {r['seconds_per_image']:.3f} |")
     return "\n".join(lines)
