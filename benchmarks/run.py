@@ -198,13 +198,19 @@ if kind == "grid":
     model = SpatialSelfAttention2d(64, 4, (size, size)).eval(); x = torch.randn(1, 64, size, size)
 else:
     model = create_model("vit_b_16", image_size=size).eval(); x = torch.randn(1, 3, size, size)
+import resource
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak resident MB so far
+r0 = rss()
 with torch.no_grad(): model(x)
+r1 = rss()
 t = time.perf_counter(); tr = capture(model, x, budget_bytes=budget); dt = time.perf_counter() - t
+r2 = rss()
 s = next(iter(tr.attention.values()))
 t = time.perf_counter(); s.row(0, s.q.shape[2] // 2); row = time.perf_counter() - t
 kept = sum(t.numel() * t.element_size() for a in tr.attention.values()
            for t in (a.q, a.k, a.v, a.weights, a.bias, a.context, a.inputs, a.outputs) if t is not None)
-print(json.dumps({"seconds": dt, "row_seconds": row, "kept_mb": kept / 2**20, "tokens": s.q.shape[2]}))
+print(json.dumps({"seconds": dt, "row_seconds": row, "kept_mb": kept / 2**20, "tokens": s.q.shape[2],
+                  "forward_peak_mb": r1 - r0, "capture_peak_mb": max(r2 - r0, r1 - r0)}))
 '''
 
 
@@ -222,7 +228,9 @@ def bench_scaling() -> list[dict]:
                      "seconds": res["on-demand"]["seconds"], "baseline_seconds": res["full"]["seconds"],
                      "ratio": res["on-demand"]["seconds"] / res["full"]["seconds"],
                      "kept_mb": res["on-demand"]["kept_mb"], "baseline_kept_mb": res["full"]["kept_mb"],
-                     "row_ms": res["on-demand"]["row_seconds"] * 1000, "tokens": res["full"]["tokens"]})
+                     "row_ms": res["on-demand"]["row_seconds"] * 1000, "tokens": res["full"]["tokens"],
+                     "peak_mb": res["on-demand"]["capture_peak_mb"], "baseline_peak_mb": res["full"]["capture_peak_mb"],
+                     "forward_peak_mb": res["full"]["forward_peak_mb"]})
     plot_scaling(rows)
     return rows
 
@@ -264,8 +272,9 @@ def fmt(r: dict) -> str:
         a, b = f"{r['value']:.0f} img/s", f"{r['baseline_value']:.0f} img/s"
     else:
         a, b = f"{r['seconds'] * 1000:.1f} ms", f"{r['baseline_seconds'] * 1000:.1f} ms"
-    extra = (f"trace keeps {r['kept_mb']:.1f} MB vs {r['baseline_kept_mb']:.1f} MB; one query row {r['row_ms']:.2f} ms"
-             if "kept_mb" in r else "")
+    extra = (f"trace keeps {r['kept_mb']:.1f} MB vs {r['baseline_kept_mb']:.1f} MB; peak working memory "
+             f"{r['peak_mb']:.0f} MB vs {r['baseline_peak_mb']:.0f} MB (plain forward {r['forward_peak_mb']:.0f} MB); "
+             f"one query row {r['row_ms']:.2f} ms" if "peak_mb" in r else "")
     return f"| {r['what']} | {a} | {r['baseline']}: {b} | {r['ratio']:.2f}× | {r.get('target', '')}{extra} |"
 
 

@@ -15,6 +15,7 @@ sidebar is there on every page). Uploads go through the real ``st.file_uploader`
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -242,6 +243,17 @@ def test_train_form_starts_and_stops_a_background_run(monkeypatch, tmp_path):
     assert not at.exception, problems(at)
     assert killed and killed[0][0] == FakePopen.pid
     assert runs.running() == {}
+    from visattn.train import lock_holder, run_lock
+
+    out = tmp_path / "busy.safetensors"
+    (tmp_path / "busy.log").write_text("the other run's log")
+    with run_lock(out):  # as a CLI run training into runs/busy.safetensors would
+        assert lock_holder(out) == os.getpid()
+        at.text_input(key="train_name").set_value("busy")
+        at.button[0].click().run()
+        assert not at.exception and len(at.error) == 1 and "another process" in at.error[0].value, errors(at)
+    assert len(started) == 1 and (tmp_path / "busy.log").read_text() == "the other run's log"
+    assert lock_holder(out) is None
 
 
 # ----------------------------------------------------------------------------- helpers, no Streamlit

@@ -79,7 +79,10 @@ def running() -> dict[str, subprocess.Popen]:
 
 def start_training(name: str, argv: Sequence[str]) -> subprocess.Popen:
     """Start ``argv`` as a background process in its own session (process group), its
-    output going to ``runs/NAME.log``. At most :data:`MAX_RUNNING` at a time."""
+    output going to ``runs/NAME.log``. At most :data:`MAX_RUNNING` at a time; refused while
+    another process trains into the same output."""
+    from visattn.train import lock_holder
+
     with _RUNNING_LOCK:
         alive = {n: p for n, p in _RUNNING.items() if p.poll() is None}
         if name in alive:
@@ -87,6 +90,10 @@ def start_training(name: str, argv: Sequence[str]) -> subprocess.Popen:
         if len(alive) >= MAX_RUNNING:
             raise VisattnError(f"{len(alive)} run(s) already going ({', '.join(alive)}); stop it first")
         files = run_files(name)
+        holder = lock_holder(files["out"])
+        if holder is not None:  # a run started elsewhere (the CLI, another server): keep its log
+            raise VisattnError(f"another process (pid {holder}) is training into {files['out'].name}; "
+                               "choose another name")
         files["log"].parent.mkdir(parents=True, exist_ok=True)
         paths = [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}  # visattn importable from the repo

@@ -188,6 +188,23 @@ def run_lock(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def lock_holder(out: str | os.PathLike) -> int | None:
+    """The pid of the run holding ``OUT.lock`` (see :func:`run_lock`), or None if no run does."""
+    lock = Path(out).with_name(Path(out).name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        text = os.read(fd, 32).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``cfg.model`` on ``cfg.data``; returns the model and its checkpoint's metadata.
     One run at a time per output file (see :func:`run_lock`)."""
