@@ -10,7 +10,8 @@ uploads together. A session:
    sidebar model on "Path on the server" = a frozen copy of the checkpoint (training
    rewrites checkpoints/sa_cnn.safetensors every epoch; the copy keeps every session and
    the expected values on one model, under a cache key no earlier run has used);
-2. sets its own query point (``st.session_state["query_yx"]``, the documented hook) and
+2. sets its own query point (``st.session_state["query_yx"]``, the documented hook), turns
+   on the interactive (plotly) similarity maps, whose numbers can be read back, and
    uploads its own image through the real ``st.file_uploader``; the time of this run
    (bytes in, page with prediction, top-k chart, overlays and similarity maps out) is the
    session's latency.
@@ -218,6 +219,7 @@ def new_session(checkpoint: Path, timeout: float = TIMEOUT):
     at.session_state["image_source"] = UPLOAD_MODE
     at.session_state["model_source"] = PATH_MODE
     at.session_state["checkpoint_path"] = str(checkpoint)
+    at.session_state["explore_interactive"] = True  # plotly similarity maps: their numbers can be read back
     return at
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import save as st_save
 
 from tests.conftest import DATA, needs_data, small_config
 from visattn.checkpoint import atomic_write, load_checkpoint, read_metadata, save_checkpoint
-from visattn.errors import CheckpointError
+from visattn.errors import CheckpointError, WriteError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,7 +101,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path, monkeypatch) -> 
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match="No space left on device; the previous file is unchanged"):
         atomic_write(target, b"new")
     assert target.read_bytes() == b"old"
     assert list(tmp_path.iterdir()) == [target]  # no temporary file left behind
