@@ -91,12 +91,8 @@ def main() -> None:
             results[name] = explanation(handle.key, choice.sha, name, target_idx, layer, model, analysis.tensor)
     bar.empty()
     found = {n: e.map for n, e in results.items() if e is not None}
-    faith = None
-    if slow_ok:
-        with ui.guard("the faithfulness scores"), st.spinner("Deleting and inserting pixels…"):
-            faith = faithfulness(handle.key, choice.sha, target_idx, f"{cam_layer}|{attn_layer}", tuple(found), model,
-                                 analysis.tensor, found)
     checked = st.session_state.get("sanity_result")
+    score_slots = {}  # filled once the deletion/insertion curves are computed, after the maps are on screen
 
     for row in (METHODS[:3], METHODS[3:]):
         for col, name in zip(st.columns(3), row):
@@ -115,14 +111,22 @@ def main() -> None:
                 st.image(figures.overlay_large(analysis.image, maps.normalise(e.map), alpha, cmap), width="stretch")
                 layer_note = f" · layer {cam_layer}" if name == "grad_cam" else ""
                 st.caption(f"computed in {e.seconds:.2f} s{layer_note} · scaled from min (dark) to max (bright)")
-                if faith and name in faith:
-                    st.markdown(f"deletion AUC **{faith[name]['deletion_auc']:.3f}** ↓ · insertion AUC "
-                                f"**{faith[name]['insertion_auc']:.3f}** ↑ (random map: "
-                                f"{faith['random']['deletion_auc']:.3f} / {faith['random']['insertion_auc']:.3f})")
+                score_slots[name] = st.empty()
                 if checked and checked[0][:4] == (handle.key, choice.sha, target_idx, name):
                     rho, suspicious = checked[1]
                     st.markdown(f"sanity check: final ρ = {rho[-1][1]:.2f} · "
                                 + ("**suspicious**: barely changed by random weights" if suspicious else "passed"))
+
+    faith = None
+    if slow_ok:
+        with ui.guard("the faithfulness scores"), st.spinner("Deleting and inserting pixels…"):
+            faith = faithfulness(handle.key, choice.sha, target_idx, f"{cam_layer}|{attn_layer}", tuple(found), model,
+                                 analysis.tensor, found)
+    for name, slot in score_slots.items():
+        if faith and name in faith:
+            slot.markdown(f"deletion AUC **{faith[name]['deletion_auc']:.3f}** ↓ · insertion AUC "
+                          f"**{faith[name]['insertion_auc']:.3f}** ↑ (random map: "
+                          f"{faith['random']['deletion_auc']:.3f} / {faith['random']['insertion_auc']:.3f})")
 
     st.header("How faithful is each map?")
     st.markdown("**Deletion:** blur away the pixels the map ranks highest first; a faithful map makes the class "
