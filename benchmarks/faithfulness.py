@@ -38,7 +38,7 @@ def run(name: str, path: str, n: int, data: str) -> None:
 
 def render() -> str:
     parts = ["# Faithfulness of each map (deletion / insertion, Petsiuk et al. 2018)\n",
-             "Mean AUC over the first N test images (predicted class, 16 steps); removed pixels become a "
+             "Mean AUC over a fixed random sample of N test images (seed 0) (predicted class, 16 steps); removed pixels become a "
              "strong blur or the image's mean colour. A random map is the floor.\n"]
     for f in sorted(OUT.glob("*.json")):
         r = json.loads(f.read_text())
