@@ -69,6 +69,7 @@ def main() -> None:
                                        help="Whose attention (received by each position, mean of heads) to compare.")
         alpha, cmap = ui.look_controls()
     target_idx = analysis.predicted if target == -1 else int(target)
+    layer_of = {"grad_cam": cam_layer, "attention": attn_layer}  # the methods that take a layer
 
     st.header(f"Where each method looks for “{classes[target_idx]}”")
     heavy = evaluation.is_heavy(model, handle.meta)
@@ -87,8 +88,8 @@ def main() -> None:
     for i, name in enumerate(todo):
         bar.progress(i / len(todo), text=f"Computing {evaluation.METHOD_LABELS[name]}…")
         with ui.guard(evaluation.METHOD_LABELS[name]):
-            layer = {"grad_cam": cam_layer, "attention": attn_layer}.get(name)
-            results[name] = explanation(handle.key, choice.sha, name, target_idx, layer, model, analysis.tensor)
+            results[name] = explanation(handle.key, choice.sha, name, target_idx, layer_of.get(name), model,
+                                        analysis.tensor)
     bar.empty()
     found = {n: e.map for n, e in results.items() if e is not None}
     checked = st.session_state.get("sanity_result")
@@ -162,7 +163,7 @@ def main() -> None:
         n_layers = sum(1 for _, m in model.named_modules() if any(True for _ in m.parameters(recurse=False)))
         st.caption(f"For this model the check recomputes the map {n_layers} times (once per layer): "
                    "expect many minutes.")
-    run_key = (handle.key, choice.sha, target_idx, method, {"grad_cam": cam_layer, "attention": attn_layer}.get(method))
+    run_key = (handle.key, choice.sha, target_idx, method, layer_of.get(method))
     if c2.button("Run the sanity check", key="sanity_run", disabled=not available):
         spinner = st.spinner(f"Randomising layers and recomputing {evaluation.METHOD_LABELS[method]}…")
         with ui.guard("the sanity check"), spinner:

@@ -18,19 +18,29 @@ from visattn import maps, panels, plotting  # noqa: E402
 GRID_LAYERS = 4  # layers drawn by default: each adds a row of panels
 
 
+def layer_maps(analysis, yx: tuple[float, float], layers: tuple[str, ...]) -> dict:
+    """``{layer: (heads, h, w)}`` attention of the query at ``yx``, for the chosen layers."""
+    return {k: v for k, v in views.query_layer_maps(analysis.trace, yx).items() if k in layers}
+
+
+def overlay_jpeg(image, m, alpha: float, cmap: str) -> bytes:
+    """A map scaled to [0, 1] over the enlarged image, as JPEG."""
+    return panels.to_jpeg(figures.overlay_large(image, maps.normalise(m), alpha, cmap))
+
+
 @st.cache_data(max_entries=64, show_spinner=False)
 def grid_jpeg(model_key: str, image_sha: str, yx: tuple[float, float], alpha: float, cmap: str,
              layers: tuple[str, ...], _analysis) -> bytes:
     """The layers × heads overlay grid for one query, as JPEG (a raster composed in numpy:
     a query click must redraw it in milliseconds)."""
-    layer_maps = {k: v for k, v in views.query_layer_maps(_analysis.trace, yx).items() if k in layers}
-    return panels.to_jpeg(panels.overlay_grid_image(_analysis.image, layer_maps, alpha, cmap, yx, size=160))
+    return panels.to_jpeg(panels.overlay_grid_image(_analysis.image, layer_maps(_analysis, yx, layers), alpha, cmap,
+                                                    yx, size=160))
 
 
 def grid_figure_png(analysis, yx: tuple[float, float], alpha: float, cmap: str, layers: tuple[str, ...]) -> bytes:
     """The same grid drawn by matplotlib for the download (rendered only when asked for)."""
-    layer_maps = {k: v for k, v in views.query_layer_maps(analysis.trace, yx).items() if k in layers}
-    fig = plotting.overlay_grid_figure(views.shrink(analysis.image, 128), layer_maps, alpha, cmap, yx)
+    fig = plotting.overlay_grid_figure(views.shrink(analysis.image, 128), layer_maps(analysis, yx, layers), alpha,
+                                       cmap, yx)
     return plotting.figure_to_png(fig, dpi=150)
 
 
@@ -49,8 +59,7 @@ def query_free_overlays(model_key: str, image_sha: str, alpha: float, cmap: str,
     roll = views.rollout_or_none(trace)
     if roll is not None:
         items.append(("attention rollout (all layers)", roll))
-    return [(title, panels.to_jpeg(figures.overlay_large(_analysis.image, maps.normalise(m), alpha, cmap)))
-            for title, m in items]
+    return [(title, overlay_jpeg(_analysis.image, m, alpha, cmap)) for title, m in items]
 
 
 def main() -> None:
@@ -116,9 +125,7 @@ def main() -> None:
 
         st.header("Averaged over heads, and rolled out through the layers")
         with ui.guard("the averaged maps"):
-            averaged = [("this query, mean of heads",
-                         panels.to_jpeg(figures.overlay_large(analysis.image, maps.normalise(sim["attention"]),
-                                                             alpha, cmap)))]
+            averaged = [("this query, mean of heads", overlay_jpeg(analysis.image, sim["attention"], alpha, cmap))]
             averaged += query_free_overlays(handle.key, choice.sha, alpha, cmap, analysis)
             cols = st.columns(max(4, len(averaged)))
             for col, (title, jpeg) in zip(cols, averaged):

@@ -121,11 +121,8 @@ def explain_one(model: nn.Module, tensor: torch.Tensor, method: str, target: int
     """One ``visattn.explain`` method (``layer``: Grad-CAM's, or the attention site's for
     "attention"); None when it does not apply
     (attention maps of a model without attention)."""
-    from visattn import explain
+    from visattn.explain import METHODS as fns
 
-    fns = {"attention": explain.attention_map, "rollout": explain.rollout, "grad_cam": explain.grad_cam,
-           "integrated_gradients": explain.integrated_gradients, "saliency": explain.saliency,
-           "occlusion": explain.occlusion}
     if method not in fns:
         raise VisattnError(f"unknown method {method!r}; known: {', '.join(fns)}")
     if method in ("grad_cam", "attention"):

@@ -228,9 +228,9 @@ def evaluate_methods(model: nn.Module, images: Tensor, targets: Tensor | list[in
             seconds += time.perf_counter() - t0
         if len(maps) < len(targets):
             continue
-        scores = {}
+        scores, stacked = {}, np.stack(maps)
         for b in baselines:
-            r = deletion_insertion(model, images, np.stack(maps), targets, steps=steps, baseline=b)
+            r = deletion_insertion(model, images, stacked, targets, steps=steps, baseline=b)
             scores[b] = {"deletion_auc": float(r["deletion_auc"].mean()), "insertion_auc": float(r["insertion_auc"].mean())}
         results[name] = {**scores[baselines[0]], "seconds_per_image": seconds / len(targets), "baselines": scores}
     return results

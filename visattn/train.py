@@ -68,7 +68,8 @@ class TrainConfig:
 def paths(out: str) -> dict[str, Path]:
     p = Path(out)
     stem = p.name.removesuffix(".safetensors")
-    return {"out": p, "metrics": p.with_name(stem + ".metrics.jsonl"), "state": p.with_name(stem + ".state.safetensors")}
+    return {"out": p, "metrics": p.with_name(stem + ".metrics.jsonl"), "state": p.with_name(stem + ".state.safetensors"),
+            "lock": p.with_name(p.name + ".lock")}
 
 
 def amp_enabled(device: torch.device, wanted: bool = True) -> bool:
@@ -163,7 +164,7 @@ def run_lock(out: Path) -> Iterator[None]:
     """Hold ``OUT.lock`` for a run (an flock, released by the kernel even on SIGKILL): a
     second run with the same output stops with a clear error instead of interleaving its
     checkpoint, state and metrics with this one's."""
-    lock = out.with_name(out.name + ".lock")
+    lock = paths(str(out))["lock"]
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -190,7 +191,7 @@ def run_lock(out: Path) -> Iterator[None]:
 
 def lock_holder(out: str | os.PathLike) -> int | None:
     """The pid of the run holding ``OUT.lock`` (see :func:`run_lock`), or None if no run does."""
-    lock = Path(out).with_name(Path(out).name + ".lock")
+    lock = paths(str(out))["lock"]
     try:
         fd = os.open(lock, os.O_RDONLY)
     except FileNotFoundError:
