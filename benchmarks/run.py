@@ -96,7 +96,39 @@ def bench_train(n: int = 8192) -> list[dict]:
         lines = [json.loads(l) for l in out.with_name("b.metrics.jsonl").read_text().splitlines()]
     ours = next(l for l in lines if l["type"] == "epoch")["img_per_s"]
     return [{"what": "training images/s (sa_cnn, CPU)", "baseline": "seed loop (DataLoader, batch 100)",
-             "value": ours, "baseline_value": seed, "ratio": ours / seed, "target": "≥ 2"}]
+             "value": ours, "baseline_value": seed, "ratio": ours / seed, "target": "≥ 2"}, *bench_attention_kernels()]
+
+
+def bench_attention_kernels(batch: int = 512, tokens: int = 64, channels: int = 128, heads: int = 4) -> list[dict]:
+    """Forward + backward of one attention in bf16 autocast, as sa_cnn trains: the fused
+    SDPA kernel (and its math backend) against matmul-softmax-matmul (`capture.fused_is_faster`)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(batch, heads, tokens, channels // heads, requires_grad=True) for _ in range(3))
+    scale = (channels // heads) ** -0.5
+
+    def fwd_bwd(attend: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = attend()
+            out.float().sum().backward()
+        return step
+
+    def fused() -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    def math_backend() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.MATH):
+            return fused()
+
+    explicit = timeit(fwd_bwd(lambda: ((q @ k.transpose(-2, -1)) * scale).softmax(-1) @ v), repeat=10)
+    what = f"attention forward + backward, bf16 CPU, batch {batch}, {tokens} tokens, {heads} heads × {channels // heads}"
+    rows = []
+    for name, fn in (("fused SDPA", fused), ("SDPA math backend", math_backend)):
+        t = timeit(fwd_bwd(fn), repeat=10)
+        rows.append({"what": f"{what}: {name}", "baseline": "explicit matmul-softmax-matmul", "seconds": t,
+                     "baseline_seconds": explicit, "ratio": t / explicit, "target": "(why training on CPU uses the explicit form)"})
+    return rows
 
 
 # ----------------------------------------------------------------------------- explanations

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -95,6 +96,48 @@ def test_fused_and_explicit_paths_agree(extra: dict) -> None:
         for query in (0, site.q.shape[2] // 2, site.q.shape[2] - 1):
             torch.testing.assert_close(site.row(1, query), full[1, :, query], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(site.full_weights(0), full[0], atol=1e-6, rtol=1e-5)
+
+
+def test_cpu_bf16_training_takes_the_explicit_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 training on CPU computes attention explicitly (faster there); inference and
+    float32 training keep the fused kernel."""
+    capture_module = sys.modules["visattn.capture"]  # the package's `capture` is the function
+    real, calls = capture_module.fused_is_faster, []
+    monkeypatch.setattr(capture_module, "fused_is_faster", lambda q: calls.append(real(q)) or real(q))
+    model, x = build("sa_cnn", {})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().sum().backward()
+        assert calls and not any(calls)
+        calls.clear()
+        with torch.no_grad():
+            model(x)
+    model(x).sum().backward()
+    assert calls and all(calls)
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_explicit_bf16_attention_is_as_accurate_as_the_fused_kernel(similarity: str) -> None:
+    """Output and gradients of Q, K, V in bf16, both forms against a float64 reference:
+    the explicit form stays at bf16 rounding level, like the fused kernel."""
+    from visattn.capture import attend
+
+    torch.manual_seed(0)
+    q0, k0, v0 = (torch.randn(8, 4, 64, 32) * 1.5 for _ in range(3))
+    upstream = torch.randn(8, 4, 64, 32)
+    module = torch.nn.Identity()
+
+    def run(dtype: torch.dtype, fused: bool) -> torch.Tensor:
+        q, k, v = (t.to(dtype).requires_grad_() for t in (q0, k0, v0))
+        scale = torch.tensor(7.0) if similarity == "cosine" else 32 ** -0.5
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sys.modules["visattn.capture"], "fused_is_faster", lambda _: fused)
+            out = attend(module, q, k, v, similarity=similarity, scale=scale, bias=None, grid=(8, 8))
+        (out.double() * upstream).sum().backward()
+        return torch.cat([t.double().flatten() for t in (out, q.grad, k.grad, v.grad)])
+
+    reference = run(torch.float64, fused=False)
+    errors = {fused: ((run(torch.bfloat16, fused) - reference).norm() / reference.norm()).item() for fused in (True, False)}
+    assert errors[False] < 0.02 and errors[False] < 3 * errors[True], errors
 
 
 def test_torchvision_vit_weights_without_need_weights() -> None:

@@ -189,7 +189,8 @@ def attend(
         qs, ks = q, k
     rec = current_recorder()
     b, h, n, _ = q.shape
-    if rec is None or not rec.keep_weights(b, h, n):
+    keep = rec is not None and rec.keep_weights(b, h, n)
+    if not keep and fused_is_faster(q):
         # SDPA wants a float scale; a learned temperature is folded into q instead.
         if isinstance(scale, Tensor):
             qs, s = qs * scale, 1.0
@@ -204,6 +205,7 @@ def attend(
             logits = logits + bias
         weights = logits.softmax(dim=-1)
         out = weights @ v  # (B, h, N, d_v)
+        weights = weights if keep else None
     if rec is not None:
         rec.add(
             AttentionSite(
@@ -212,6 +214,16 @@ def attend(
             )
         )
     return out
+
+
+def fused_is_faster(q: Tensor) -> bool:
+    """Whether the fused SDPA kernel beats the explicit form for these queries.
+
+    Everywhere but one case: bf16 training on CPU, where PyTorch's CPU flash kernel runs
+    forward + backward 4.4x slower than matmul-softmax-matmul at 64 tokens (its math
+    backend 2.9x; ``benchmarks/run.py`` measures both).
+    """
+    return not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad)
 
 
 def record_extras(module: nn.Module, **fields: object) -> None:
