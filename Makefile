@@ -25,7 +25,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run
 
 train-default: $(STAMP)
-	$(PY) -m visattn train --model sa_cnn --set "widths=(64,256,256)" --epochs 14 --out checkpoints/sa_cnn.safetensors
+	$(PY) -m visattn train --model sa_cnn --set "widths=(64,256,256)" --epochs 20 --out checkpoints/sa_cnn.safetensors
 
 clean:
 	rm -rf $(VENV) .pytest_cache
