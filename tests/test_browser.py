@@ -110,11 +110,11 @@ def wait_for(driver, predicate, timeout: float = 90, what: str = "") -> None:
 
 
 def idle(driver, settle: float = 1.0, timeout: float = 90) -> None:
-    """Wait until Streamlit reports no script running (its status widget is gone)."""
+    """Wait until Streamlit reports no script running (no status widget, no spinner)."""
     from selenium.webdriver.common.by import By
 
     time.sleep(settle)
-    wait_for(driver, lambda: not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'),
+    wait_for(driver, lambda: not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"], [data-testid="stSpinner"]'),
              timeout, "the script to finish")
 
 
