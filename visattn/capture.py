@@ -179,7 +179,8 @@ def attend(
     grid: tuple[int, int],
     prefix: int = 0,
 ) -> Tensor:
-    """softmax(sim(Q, K) * scale + bias) V, fused when unobserved, explicit when captured.
+    """softmax(sim(Q, K) * scale + bias) V: fused when unobserved (unless :func:`fused_is_faster` says
+    otherwise), explicit when captured.
 
     q, k: (B, h, N, d_k); v: (B, h, N, d_v); bias: (h, N, N). Returns (B, h, N, d_v).
     """
