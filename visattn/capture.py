@@ -221,8 +221,8 @@ def fused_is_faster(q: Tensor) -> bool:
     """Whether the fused SDPA kernel beats the explicit form for these queries.
 
     Everywhere but one case: bf16 training on CPU, where PyTorch's CPU flash kernel runs
-    forward + backward 4.4x slower than matmul-softmax-matmul at 64 tokens (its math
-    backend 2.9x; ``benchmarks/run.py`` measures both).
+    forward + backward 3.5-5.3x slower than matmul-softmax-matmul at 64 tokens (its math
+    backend 2.4-3.4x; ``benchmarks/run.py`` measures both).
     """
     return not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad)
 
