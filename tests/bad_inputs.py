@@ -112,7 +112,7 @@ def corpus_bytes() -> dict[str, tuple[str, bytes, bool]]:
         "svg": ("drawing.svg", SVG, False),
         "html": ("page.html", HTML, False),
         "huge_header": ("huge_20000x20000.png", png_with_header(20000, 20000), False),
-        "big_header": ("big_5000x5000.png", png_with_header(5000, 5000), False),
+        "big_header": ("big_8000x5000.png", png_with_header(8000, 5000), False),
         "gray16_png": ("gray16.png", _gray16_png(), True),
         "cmyk_jpeg": ("cmyk.jpg", encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95), True),
         "palette_transparent_png": ("palette.png", _palette_png(), True),

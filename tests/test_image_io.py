@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import doctest
 import io
+import os
 import pathlib
+import subprocess
 import sys
 import tracemalloc
 import warnings
@@ -14,7 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageFilter
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bad_inputs  # noqa: E402
@@ -35,7 +37,7 @@ EXPECTED_SIZE = {
 EXPECTED_MESSAGE = {
     "empty": "empty", "truncated_jpeg": "truncated", "truncated_png": "truncated", "png_bad_crc": "corrupt",
     "random_bytes": "not an image", "text": "not an image", "svg": "SVG", "html": "HTML",
-    "huge_header": "400.0 MP", "big_header": "5000×5000 = 25.0 MP",
+    "huge_header": "400.0 MP", "big_header": "8000×5000 = 40.0 MP",
 }
 
 
@@ -175,7 +177,7 @@ def test_pixel_limit_refused_from_header_without_decoding(monkeypatch: pytest.Mo
     finally:
         tracemalloc.stop()
     assert calls == [] and peak < 50 * 2**20
-    assert "16.8 MP" in str(info.value)
+    assert "32.0 MP" in str(info.value)
     assert_clean_error(info.value)
 
 
@@ -188,7 +190,7 @@ def test_max_pixels_argument_and_no_global_changes() -> None:
     with pytest.raises(ImageError):
         load_image(CASES["huge_header"][1], max_pixels=10**12)  # Pillow's own bomb guard still applies
     assert (Image.MAX_IMAGE_PIXELS, list(warnings.filters)) == before
-    assert MAX_PIXELS == 4096 * 4096 and MAX_BYTES == 20 * 2**20
+    assert MAX_PIXELS == 32_000_000 and MAX_BYTES == 50 * 2**20
 
 
 class CountingStream(io.RawIOBase):
@@ -219,8 +221,8 @@ def test_max_bytes_enforced_for_every_input_kind(tmp_path: pathlib.Path) -> None
         load_image(stream, max_bytes=limit)
     assert stream.requests == [limit + 1]  # never read the whole stream
     assert load_image(io.BytesIO(data), max_bytes=len(data)).size == (64, 48)
-    with pytest.raises(ImageError, match=r"25\.0 MB; the limit is 20\.0 MB"):
-        load_image(bytes(25 * 2**20))
+    with pytest.raises(ImageError, match=r"51\.0 MB; the limit is 50\.0 MB"):
+        load_image(bytes(51 * 2**20))
 
 
 # ---------------------------------------------------------------- input kinds
@@ -353,3 +355,89 @@ def test_preprocessing_rejects_bad_arguments() -> None:
 
 def test_docstring_examples() -> None:
     assert doctest.testmod(image_io, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+# ---------------------------------------------------------------- real photos: big, decoded reduced
+
+PEAK_SCRIPT = """
+import resource, sys
+from visattn import inference
+from visattn.errors import ImageError
+meta = {"mean": (0.5,) * 3, "std": (0.5,) * 3, "image_size": 32}
+try:
+    image, _ = inference.prepare(sys.argv[1], meta)
+    print("ok", image.shape)
+except ImageError as e:
+    print("error", e)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # peak resident set, KiB
+"""
+
+
+def peak_of_prepare(path: pathlib.Path) -> tuple[str, float]:
+    """(first output line, peak resident MB) of a fresh process preparing ``path`` for a 32 px model."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path)], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, check=True).stdout.splitlines()
+    return out[0], int(out[-1]) / 1024
+
+
+def photo_like(w: int, h: int, noisy: bool = True) -> Image.Image:
+    """A w×h photo stand-in: a small noise or gradient image enlarged (so it compresses like a photo, not like noise)."""
+    small = noise_image(w // 8, h // 8) if noisy else noise_image(w // 8, h // 8).filter(ImageFilter.GaussianBlur(8))
+    return small.resize((w, h), Image.Resampling.BICUBIC)
+
+
+@pytest.fixture(scope="module")
+def photo_48mp(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    path = tmp_path_factory.mktemp("big") / "phone_8000x6000.jpg"
+    photo_like(8000, 6000).save(path, "JPEG", quality=90)
+    return path
+
+
+def test_48mp_jpeg_is_decoded_reduced_and_matches_the_full_decode(photo_48mp: pathlib.Path) -> None:
+    data = photo_48mp.read_bytes()
+    assert 5 * 2**20 < len(data) <= MAX_BYTES
+    with pytest.raises(ImageError, match="48.0 MP; the limit is 32.0 MP"):
+        load_image(data)  # decoded in full, it is over the full-decode limit
+    img = load_image(data, min_side=image_io.DECODE_SIDE)
+    assert img.mode == "RGB" and img.size == (2000, 1500)  # 1/4: the smallest DCT scale with a side >= 1024
+    full = load_image(data, max_pixels=48_000_000)
+    assert full.size == (8000, 6000)
+    reduced, exact = image_to_uint8_array(img, 32).astype(int), image_to_uint8_array(full, 32).astype(int)
+    assert np.abs(reduced - exact).mean() < 2 and np.abs(reduced - exact).max() < 16
+
+
+def test_reduction_keeps_the_shorter_side_and_orientation() -> None:
+    img = photo_like(4000, 1600, noisy=False)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: stored 4000×1600, shown 1600×4000
+    jpeg = encode(img, "JPEG", quality=90, exif=exif.tobytes())
+    assert load_image(jpeg, min_side=300).size == (400, 1000)  # 1/4 (1/8 would give 200 < 300)
+    assert load_image(jpeg, min_side=1600).size == (1600, 4000)  # no reduction possible
+    assert load_image(encode(img, "PNG"), min_side=300).size == (800, 320)  # PNG: decoded, then reduced by 5
+    with pytest.raises(ValueError):
+        load_image(jpeg, min_side=0)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_24mp_png_and_webp_are_answered(fmt: str) -> None:
+    data = encode(photo_like(6000, 4000, noisy=False), fmt, **({"compress_level": 1} if fmt == "PNG" else
+                                                               {"quality": 80, "method": 0}))
+    img = load_image(data, min_side=image_io.DECODE_SIDE)
+    assert img.mode == "RGB" and img.size == (2000, 1334)  # reduced by 3: 4000 // 1024
+    assert load_image(data).size == (6000, 4000)
+
+
+def test_peak_memory_of_a_48mp_jpeg_is_near_a_small_photo(photo_48mp: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    small = tmp_path / "small.jpg"
+    photo_like(640, 480).save(small, "JPEG", quality=90)
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(CASES["huge_header"][1])  # 20000×20000 = 400 MP claimed
+    first, base = peak_of_prepare(small)
+    assert first == "ok (32, 32, 3)"
+    first, big = peak_of_prepare(photo_48mp)
+    assert first == "ok (32, 32, 3)"
+    assert big - base <= 100, f"48 MP JPEG peak {big:.0f} MB vs small photo {base:.0f} MB"
+    first, bombed = peak_of_prepare(bomb)
+    assert first.startswith("error image is") and first.endswith("400.0 MP; the limit is 32.0 MP")
+    assert bombed - base <= 10, f"the bomb's peak {bombed:.0f} MB vs small photo {base:.0f} MB"

@@ -1,4 +1,11 @@
-"""Safe image loading (any input -> RGB or ImageError) and model preprocessing."""
+"""Safe image loading (any input -> RGB or ImageError) and model preprocessing.
+
+Limits (stated on the dashboard's upload widget): files up to :data:`MAX_BYTES`; JPEGs up
+to :data:`MAX_JPEG_PIXELS` when decoded reduced (``min_side``: libjpeg's DCT scaling
+decodes a 48 MP phone photo at 1/4 size, so it costs about what a 3 MP one does); every
+other image, and a JPEG decoded in full, up to :data:`MAX_PIXELS` (a 24 MP PNG or WebP
+fits). Pixel counts are read from the header and refused before anything is decoded.
+"""
 from __future__ import annotations
 
 import io
@@ -14,8 +21,10 @@ from PIL import Image, ImageOps
 
 from visattn.errors import ImageError
 
-MAX_PIXELS: int = 4096 * 4096
-MAX_BYTES: int = 20 * 1024 * 1024
+MAX_PIXELS: int = 32_000_000  # decoded in full: a 24 MP (6000×4000) PNG or WebP fits
+MAX_JPEG_PIXELS: int = 80_000_000  # a JPEG decoded reduced: 48-64 MP phone photos fit (Pillow's bomb guard is 89 MP)
+MAX_BYTES: int = 50 * 1024 * 1024  # a 24 MP photo saved as PNG is 30-50 MB
+DECODE_SIDE: int = 1024  # shorter side a big photo is decoded to for the dashboard and CLI (>= 2× the 320 px display)
 # Decoders we trust with untrusted uploads (no EPS/Ghostscript, no exotic plugins).
 FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "GIF", "WEBP", "TIFF", "BMP", "ICO", "PPM", "AVIF")
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
@@ -110,15 +119,23 @@ def load_image(
     max_pixels: int = MAX_PIXELS,
     max_bytes: int = MAX_BYTES,
     background: tuple[int, int, int] = (255, 255, 255),
+    min_side: int | None = None,
+    max_jpeg_pixels: int = MAX_JPEG_PIXELS,
 ) -> Image.Image:
     """Load the first frame of an image as upright RGB; anything unusable raises ImageError.
 
     Size limits are checked before decoding (bytes from the file size, pixels from the header).
+    ``min_side``: the image may come back smaller, its shorter side still ``>= min_side``
+    (or its full size): a JPEG is then decoded reduced (1/2, 1/4 or 1/8, libjpeg's DCT
+    scaling; its header may claim up to ``max_jpeg_pixels``), anything else is decoded in
+    full and reduced by an integer factor. Without it, every image is decoded in full.
 
     >>> import io; buf = io.BytesIO(); Image.new("LA", (4, 2)).save(buf, "PNG")
     >>> img = load_image(buf.getvalue()); img.mode, img.size
     ('RGB', (4, 2))
     """
+    if min_side is not None and min_side <= 0:
+        raise ValueError(f"min_side must be positive, got {min_side}")
     background = tuple(int(c) for c in background)  # type: ignore[assignment]
     if len(background) != 3 or not all(0 <= c <= 255 for c in background):
         raise ValueError(f"background must be three ints in 0..255, got {background!r}")
@@ -143,11 +160,17 @@ def load_image(
             w, h = img.size
             if w <= 0 or h <= 0:
                 raise ImageError(f"image has an empty size ({w}×{h})")
-            if w * h > max_pixels:
-                raise _too_many_pixels(w, h, max_pixels)
+            reduced = min_side is not None and img.format in ("JPEG", "MPO")
+            limit = max_jpeg_pixels if reduced else max_pixels
+            if w * h > limit:
+                raise _too_many_pixels(w, h, limit)
+            if reduced:
+                img.draft(None, (min_side, min_side))  # scale s: shorter side // s >= min_side
             img.load()
             img = ImageOps.exif_transpose(img) or img
             out = _to_rgb(img, background)
+            factor = min(out.size) // min_side if min_side else 1
+            out = out.reduce(factor) if factor >= 2 else out
             out.load()
         except ImageError:
             raise
@@ -157,8 +180,8 @@ def load_image(
             raise ImageError("image is too large to decode in the available memory") from e
         except Exception as e:
             raise ImageError(f"image is truncated or corrupt ({type(e).__name__})") from e
-    if out.width <= 0 or out.height <= 0 or out.width * out.height > max_pixels:
-        raise _too_many_pixels(out.width, out.height, max_pixels)
+    if out.width <= 0 or out.height <= 0 or out.width * out.height > limit:
+        raise _too_many_pixels(out.width, out.height, limit)
     return out
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from visattn.capture import Trace, capture
-from visattn.image_io import image_to_tensor, image_to_uint8_array, load_image
+from visattn.image_io import DECODE_SIDE, image_to_tensor, image_to_uint8_array, load_image
 
 Source = str | os.PathLike | bytes | BinaryIO
 
@@ -40,9 +40,10 @@ class Analysis:
 
 
 def prepare(source: Source, meta: dict[str, Any]) -> tuple[np.ndarray, Tensor]:
-    """Load (refusing bad files with ImageError) and preprocess: (display uint8, model input)."""
-    img = load_image(source)
+    """Load (refusing bad files with ImageError; big photos decoded reduced, see
+    :func:`~visattn.image_io.load_image`) and preprocess: (display uint8, model input)."""
     size = input_size(meta)
+    img = load_image(source, min_side=max(DECODE_SIDE, 2 * size))
     return image_to_uint8_array(img, size), image_to_tensor(img, size, meta["mean"], meta["std"])[None]
 
 
