@@ -1,4 +1,5 @@
 """visattn: see what the attention layers of vision models look at."""
+from visattn.ablation import ablate, head_importance, patch, patching_effects
 from visattn.capture import AttentionSite, ChannelSite, SpatialSite, Trace, capture
 from visattn.errors import CheckpointError, ImageError, TrainingError, VisattnError
 from visattn.models import create_model, list_models
@@ -6,7 +7,7 @@ from visattn.models import create_model, list_models
 __version__ = "0.1.0"
 
 __all__ = [
-    "capture", "Trace", "AttentionSite", "ChannelSite", "SpatialSite",
+    "capture", "Trace", "ablate", "head_importance", "patch", "patching_effects", "AttentionSite", "ChannelSite", "SpatialSite",
     "create_model", "list_models",
     "VisattnError", "ImageError", "CheckpointError", "TrainingError",
 ]

@@ -5,11 +5,17 @@ during training and plain inference, so they take the fused SDPA path. Inside
 :func:`capture` a fresh :class:`Recorder` lives in a ``contextvars.ContextVar``: each
 thread (each Streamlit session) sees only its own, so two users capturing on one cached
 model never mix their maps, and the model itself is never left instrumented.
+
+The same dispatch carries interventions: inside :func:`editing` an edit function sees every
+head output (``weights @ V``, before the output projection) and may replace it, again for
+the calling thread only (``visattn.ablation`` builds head ablation and patching on it).
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +28,11 @@ DEFAULT_BUDGET_BYTES = 256 * 1024 * 1024
 _RECORDER: contextvars.ContextVar["Recorder | None"] = contextvars.ContextVar(
     "visattn_recorder", default=None
 )
+
+#: ``edit(module, out) -> out``: sees (and may replace) each attention layer's head outputs
+#: (B, heads, N, d_v) before the output projection.
+HeadEdit = Callable[[nn.Module, Tensor], Tensor]
+_EDIT: contextvars.ContextVar["HeadEdit | None"] = contextvars.ContextVar("visattn_edit", default=None)
 
 
 @dataclass
@@ -142,6 +153,31 @@ def current_recorder() -> Recorder | None:
     return _RECORDER.get()
 
 
+def observed() -> bool:
+    """Whether a capture or an edit runs in this thread. Attention modules with a fast path
+    of their own (``nn.MultiheadAttention``) must then go through :func:`attend`."""
+    return _RECORDER.get() is not None or _EDIT.get() is not None
+
+
+@contextlib.contextmanager
+def editing(edit: HeadEdit) -> Iterator[None]:
+    """Apply ``edit`` to every head output computed by :func:`attend` in this thread, inside
+    the ``with`` block only (other threads on the same model are not affected).
+
+    >>> from visattn import create_model
+    >>> model = create_model("hybrid_vit", depth=1).eval()
+    >>> with editing(lambda module, out: out * 0), torch.no_grad():  # every head silenced
+    ...     logits = model(torch.rand(1, 3, 32, 32))
+    >>> tuple(logits.shape)
+    (1, 10)
+    """
+    token = _EDIT.set(edit)
+    try:
+        yield
+    finally:
+        _EDIT.reset(token)
+
+
 @torch.no_grad()
 def capture(
     model: nn.Module, images: Tensor, *, budget_bytes: int = DEFAULT_BUDGET_BYTES
@@ -180,7 +216,8 @@ def attend(
     prefix: int = 0,
 ) -> Tensor:
     """softmax(sim(Q, K) * scale + bias) V: fused when unobserved (unless :func:`fused_is_faster` says
-    otherwise), explicit when captured.
+    otherwise), explicit when captured; the head outputs pass through the thread's edit, if any
+    (:func:`editing`).
 
     q, k: (B, h, N, d_k); v: (B, h, N, d_v); bias: (h, N, N). Returns (B, h, N, d_v).
     """
@@ -207,6 +244,9 @@ def attend(
         weights = logits.softmax(dim=-1)
         out = weights @ v  # (B, h, N, d_v)
         weights = weights if keep else None
+    edit = _EDIT.get()
+    if edit is not None:
+        out = edit(module, out)
     if rec is not None:
         rec.add(
             AttentionSite(

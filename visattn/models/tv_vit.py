@@ -3,7 +3,7 @@
 torchvision calls ``nn.MultiheadAttention`` with ``need_weights=False``. To see its
 weights, :func:`make_capturable` swaps each instance's class for
 :class:`CapturableMHA`: same parameters and state-dict keys, same output, and it
-computes per-head weights only while a capture runs in the calling thread.
+computes per-head weights only while a capture (or a head edit) runs in the calling thread.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torchvision
 from torch import Tensor, nn
 
-from visattn.capture import attend, current_recorder, default_scale, record_extras
+from visattn.capture import attend, default_scale, observed, record_extras
 from visattn.models.registry import register_model
 
 TV_VITS = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")
@@ -40,7 +40,7 @@ class CapturableMHA(nn.MultiheadAttention):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, *args, **kwargs):  # type: ignore[override]
         plain = (
-            current_recorder() is None
+            not observed()
             or not (query is key is value)
             or not self._qkv_same_embed_dim
             or any(kwargs.get(m) is not None for m in ("key_padding_mask", "attn_mask"))
