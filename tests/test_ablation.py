@@ -224,8 +224,10 @@ def test_patching_effects_equal_one_patch_per_head(one_thread) -> None:
 def test_bad_requests_are_one_line_errors(one_thread) -> None:
     model, side = _model("hybrid_vit")
     x = torch.randn(1, 3, side, side)
-    with pytest.raises(AblationError, match="no attention layer 'blocks.9.attn'"):
+    with pytest.raises(AblationError, match="no attention layer 'blocks.9.attn'; this model has blocks.0.attn, blocks.1.attn"):
         ablate(model, x, {"blocks.9.attn": [0]})
+    with pytest.raises(AblationError, match="no attention layer 'blocks'"):
+        patch(model, x, x, {"blocks": [0]})
     with pytest.raises(AblationError, match="no head 5"):
         ablate(model, x, {"blocks.0.attn": [5]})
     with pytest.raises(AblationError, match="unknown mode"):

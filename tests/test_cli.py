@@ -75,6 +75,33 @@ def test_explain_writes_overlays_and_raw_maps(ckpt: Path, tmp_path: Path, capsys
     assert (tmp_path / "out" / "rollout.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_ablate_prints_logits_before_and_after(ckpt: Path, tmp_path: Path, capsys) -> None:
+    from visattn.ablation import ablate
+    from visattn.inference import prepare
+
+    corpus = make_corpus(tmp_path / "in")
+    photo = next(p for name, (p, ok) in corpus.items() if ok and "jpeg" in name.lower())
+    assert main(["ablate", str(ckpt), str(photo), "--layer", "stages.1.1", "--heads", "0,1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    model, meta = load_checkpoint(ckpt)
+    x = prepare(photo.read_bytes(), meta)[1]
+    with torch.no_grad():
+        before = model(x)[0]
+    after = ablate(model, x, {"stages.1.1": [0, 1]})[0]
+    assert r["heads"] == [0, 1] and len(r["after"]["top"]) == 5
+    assert np.allclose(list(r["before"]["logits"].values()), before.numpy(), atol=1e-6)
+    assert np.allclose(list(r["after"]["logits"].values()), after.numpy(), atol=1e-6)
+    assert not np.allclose(before.numpy(), after.numpy(), rtol=1e-4, atol=0)
+    assert main(["ablate", str(ckpt), str(photo), "--layer", "stages.1.1", "--heads", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[1].lstrip().startswith("before") and lines[2].lstrip().startswith("after")
+    for bad in (["--heads", "0,x"], ["--heads", "9"], ["--layer", "stem", "--heads", "0"], ["--mode", "mean"]):
+        args = {"--layer": "stages.1.1", "--heads": "0", **dict(zip(bad[::2], bad[1::2]))}
+        assert main(["ablate", str(ckpt), str(photo), *[t for kv in args.items() for t in kv]]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
 def test_models_lists_registry_and_shipped(capsys) -> None:
     assert main(["models", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -13,7 +13,7 @@ and its index.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,21 +45,23 @@ def _run(model: nn.Module, images: Tensor, names: dict[int, str],
          edits: Mapping[str, Callable[[Tensor], Tensor]]) -> Tensor:
     """Logits of ``model(images)`` with ``edits[layer](out) -> out`` applied to the head
     outputs of the named layers; an edited layer the forward never reached is an error."""
-    seen: set[str] = set()
+    seen: list[str] = []
 
     def edit(module: nn.Module, out: Tensor) -> Tensor:
-        name = names.get(id(module))
-        if name not in edits:
-            return out
-        seen.add(name)
-        return edits[name](out)
+        name = names.get(id(module), f"{type(module).__name__}@{id(module):x}")
+        seen.append(name)
+        return edits[name](out) if name in edits else out
 
     with editing(edit), torch.no_grad():
         logits = model(images)
-    missing = sorted(set(edits) - seen)
-    if missing:
-        raise AblationError(f"no attention layer {missing[0]!r} in this model's forward pass")
+    _check_layers(edits, seen)
     return logits
+
+
+def _check_layers(wanted: Iterable[str], seen: Sequence[str]) -> None:
+    missing = [name for name in wanted if name not in seen]
+    if missing:
+        raise AblationError(f"no attention layer {missing[0]!r}; this model has {', '.join(seen) or 'none'}")
 
 
 def head_outputs(model: nn.Module, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -106,9 +108,7 @@ def _replacements(model: nn.Module, images: Tensor, layers: Sequence[str], mode:
                             "(the mean over one image is that image)")
     if reference is not images or outs is None:
         _, outs = head_outputs(model, reference)
-    missing = [name for name in layers if name not in outs]
-    if missing:
-        raise AblationError(f"no attention layer {missing[0]!r} in this model's forward pass")
+    _check_layers(layers, list(outs))
     return {name: outs[name].float().mean(0) for name in layers}
 
 
@@ -229,11 +229,9 @@ def patch(model: nn.Module, corrupted: Tensor, clean: Tensor, heads: HeadSpec) -
     """
     names = _prepared(model)
     _, outs = head_outputs(model, clean)
+    _check_layers(heads, list(outs))
 
     def edit_for(layer: str) -> Callable[[Tensor], Tensor]:
-        if layer not in outs:
-            raise AblationError(f"no attention layer {layer!r} in this model's forward pass")
-
         def edit(out: Tensor) -> Tensor:
             mask = _head_mask(heads[layer], out.shape[1], layer)[None, :, None, None]
             return _replace(out, mask, outs[layer])

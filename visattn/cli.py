@@ -1,4 +1,4 @@
-"""The ``visattn`` command line: train, eval, predict, explain, faithfulness, models."""
+"""The ``visattn`` command line: train, eval, predict, explain, ablate, faithfulness, models."""
 from __future__ import annotations
 
 import argparse
@@ -144,6 +144,55 @@ def cmd_explain(a: argparse.Namespace) -> int:
     return 0
 
 
+def parse_heads(text: str) -> list[int]:
+    """``"0,2"`` -> ``[0, 2]``.
+
+    >>> parse_heads("0, 2")
+    [0, 2]
+    """
+    try:
+        heads = [int(h) for h in text.split(",") if h.strip()]
+    except ValueError:
+        raise VisattnError(f"--heads expects comma-separated head numbers like 0,2; got {text!r}") from None
+    if not heads:
+        raise VisattnError("--heads names no head")
+    return heads
+
+
+def cmd_ablate(a: argparse.Namespace) -> int:
+    import torch
+
+    from visattn.ablation import ablate
+    from visattn.checkpoint import load_checkpoint
+    from visattn.inference import prepare
+
+    model, meta = load_checkpoint(a.source)
+    heads = parse_heads(a.heads)
+    _, x = prepare(Path(a.image).read_bytes(), meta)
+    reference = torch.cat([prepare(Path(p).read_bytes(), meta)[1] for p in a.reference]) if a.reference else None
+    with torch.no_grad():
+        before = model(x)[0]
+    after = ablate(model, x, {a.layer: heads}, mode=a.mode, reference=reference)[0]
+    classes = list(meta["classes"])
+
+    def summary(logits: torch.Tensor) -> dict[str, Any]:
+        probs = logits.float().softmax(-1)
+        top = probs.topk(min(a.k, len(classes))).indices.tolist()
+        return {"top": [[classes[i], float(probs[i])] for i in top],
+                "logits": dict(zip(classes, map(float, logits)))}
+
+    result = {"image": a.image, "layer": a.layer, "heads": heads, "mode": a.mode,
+              "before": summary(before), "after": summary(after)}
+    if a.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{a.image}: {a.layer} heads {','.join(map(str, heads))} ablated ({a.mode})")
+    for label in ("before", "after"):
+        r = result[label]
+        print(f"  {label:6s} " + ", ".join(f"{c} {p:.1%} (logit {r['logits'][c]:+.2f})" for c, p in r["top"]))
+    return 0
+
+
 def cmd_faithfulness(a: argparse.Namespace) -> int:
     from visattn.checkpoint import load_checkpoint
     from visattn.data import load_split, normalise
@@ -201,6 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("image")
     x.add_argument("--out", required=True)
     x.set_defaults(func=cmd_explain)
+
+    ab = sub.add_parser("ablate", help="logits and top-k before and after silencing attention heads")
+    ab.add_argument("source", help="a .safetensors checkpoint")
+    ab.add_argument("image")
+    ab.add_argument("--layer", required=True, help="an attention layer's name, e.g. stages.1.1 or blocks.0.attn")
+    ab.add_argument("--heads", required=True, help="comma-separated head numbers, e.g. 0,2")
+    ab.add_argument("--mode", choices=("zero", "mean"), default="zero",
+                    help="heads' outputs set to zero, or to their mean over --reference images")
+    ab.add_argument("--reference", nargs="+", default=[], metavar="IMAGE", help="images for --mode mean (2 or more)")
+    ab.add_argument("-k", type=int, default=5)
+    ab.add_argument("--json", action="store_true")
+    ab.set_defaults(func=cmd_ablate)
 
     f = sub.add_parser("faithfulness", help="deletion/insertion AUC per explanation method")
     f.add_argument("checkpoint")
