@@ -62,9 +62,9 @@ def main() -> None:
     running = runs.running()
     if running:
         st.subheader("Running")
-        for run_name, proc in running.items():
+        for run_name, pid in running.items():
             c1, c2 = st.columns([3, 1], vertical_alignment="center")
-            c1.markdown(f"**{run_name}** · process {proc.pid}")
+            c1.markdown(f"**{run_name}** · process {pid}")
             if c2.button("Stop", key=f"stop_{run_name}", help="terminate the run (its last finished epoch is kept)"):
                 with ui.guard("stopping the run"):
                     runs.stop_training(run_name)

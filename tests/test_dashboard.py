@@ -214,10 +214,10 @@ def test_train_form_starts_and_stops_a_background_run(monkeypatch, tmp_path):
 
     class FakePopen:
         pid = 424242
+        returncode = None
 
         def __init__(self, argv, **kwargs):
             started.append((argv, kwargs))
-            self.returncode = None
 
         def poll(self):
             return self.returncode
@@ -227,9 +227,14 @@ def test_train_form_starts_and_stops_a_background_run(monkeypatch, tmp_path):
             return self.returncode
 
     monkeypatch.setattr(runs.subprocess, "Popen", FakePopen)
-    monkeypatch.setattr(runs.os, "killpg", lambda pid, sig: killed.append((pid, sig)))
+    def killpg(pid, sig):
+        killed.append((pid, sig))
+        FakePopen.returncode = -sig
+
+    monkeypatch.setattr(runs.os, "killpg", killpg)
+    monkeypatch.setattr(runs.os, "getpgid", lambda pid: pid)
     monkeypatch.setattr(runs, "RUNS_DIR", tmp_path)
-    monkeypatch.setattr(runs, "_RUNNING", {})
+    monkeypatch.setattr(runs, "_STARTED", {})
     at = app("pages/train.py").run()
     assert not at.exception, problems(at)
     at.text_input(key="train_name").set_value("unit_test_run")

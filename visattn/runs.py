@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,8 +21,9 @@ TRAIN_MODELS = ("sa_cnn", "hybrid_vit", "cbam_cnn", "seed_cnn")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,47}")
 MAX_EPOCHS = 50
 MAX_RUNNING = 1  # background runs started from the dashboard at once (the CPUs are few)
-_RUNNING: dict[str, subprocess.Popen] = {}
-_RUNNING_LOCK = threading.Lock()
+_STARTED: dict[str, subprocess.Popen] = {}  # runs started by this process, until their lock shows them
+_STARTED_LOCK = threading.RLock()
+_LOCK_SUFFIX = ".safetensors.lock"
 
 
 def model_overrides(model: str, width: int, heads: int, similarity: str, pos_encoding: str) -> dict[str, Any]:
@@ -69,57 +71,85 @@ def run_files(name: str) -> dict[str, Path]:
     return {**p, "log": RUNS_DIR / f"{name}.log"}
 
 
-def running() -> dict[str, subprocess.Popen]:
-    """Runs started from this dashboard process that are still alive, by name."""
-    with _RUNNING_LOCK:
-        for name in [n for n, p in _RUNNING.items() if p.poll() is not None]:
-            del _RUNNING[name]
-        return dict(_RUNNING)
+def running() -> dict[str, int]:
+    """Training runs in ``runs/`` that are alive, by name: their pid.
+
+    Read from the lock files (``NAME.safetensors.lock``: an flock holding the run's pid,
+    released by the kernel when the process ends, see :func:`visattn.train.run_lock`), so
+    a restarted server, or a second one, sees the runs any server or the CLI started.
+    Runs this process started whose lock is not taken yet (the first seconds) count too.
+    """
+    from visattn.train import lock_holder
+
+    found: dict[str, int] = {}
+    if RUNS_DIR.is_dir():
+        for lock in RUNS_DIR.glob("*" + _LOCK_SUFFIX):
+            pid = lock_holder(lock.with_name(lock.name.removesuffix(".lock")))
+            if pid is not None:
+                found[lock.name.removesuffix(_LOCK_SUFFIX)] = pid
+    with _STARTED_LOCK:
+        for name, proc in list(_STARTED.items()):
+            if proc.poll() is not None:
+                del _STARTED[name]
+            else:
+                found.setdefault(name, proc.pid)
+    return found
 
 
 def start_training(name: str, argv: Sequence[str]) -> subprocess.Popen:
     """Start ``argv`` as a background process in its own session (process group), its
-    output going to ``runs/NAME.log``. At most :data:`MAX_RUNNING` at a time; refused while
-    another process trains into the same output."""
-    from visattn.train import lock_holder
+    output going to ``runs/NAME.log``. At most :data:`MAX_RUNNING` runs in ``runs/`` at a
+    time (counted from the lock files: see :func:`running`); refused on a public server."""
+    from visattn.serving import policy
 
-    with _RUNNING_LOCK:
-        alive = {n: p for n, p in _RUNNING.items() if p.poll() is None}
+    if not policy().train:
+        raise VisattnError("training is off on this public server")
+    with _STARTED_LOCK:  # one start at a time in this process
+        alive = running()
         if name in alive:
-            raise VisattnError(f"run {name!r} is already going")
+            raise VisattnError(f"another process (pid {alive[name]}) is training run {name!r}; "
+                               "stop it or choose another name")
         if len(alive) >= MAX_RUNNING:
             raise VisattnError(f"{len(alive)} run(s) already going ({', '.join(alive)}); stop it first")
         files = run_files(name)
-        holder = lock_holder(files["out"])
-        if holder is not None:  # a run started elsewhere (the CLI, another server): keep its log
-            raise VisattnError(f"another process (pid {holder}) is training into {files['out'].name}; "
-                               "choose another name")
         files["log"].parent.mkdir(parents=True, exist_ok=True)
         paths = [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}  # visattn importable from the repo
         with open(files["log"], "wb") as log:
             proc = subprocess.Popen(list(argv), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
-        _RUNNING.clear()
-        _RUNNING.update(alive)
-        _RUNNING[name] = proc
+        _STARTED[name] = proc
         return proc
 
 
-def stop_training(name: str) -> bool:
-    """Terminate run ``name``'s process group (SIGTERM, then SIGKILL after 5 s). False if not running."""
-    with _RUNNING_LOCK:
-        proc = _RUNNING.pop(name, None)
-    if proc is None or proc.poll() is not None:
+def _signal(pid: int, sig: int) -> None:
+    """``sig`` to the run's process group when it leads one (runs started here), else to it alone."""
+    if os.getpgid(pid) == pid:
+        os.killpg(pid, sig)
+    else:
+        os.kill(pid, sig)
+
+
+def stop_training(name: str, grace: float = 5.0) -> bool:
+    """Stop run ``name`` (SIGTERM, then SIGKILL after ``grace`` s), whichever process started
+    it: its pid comes from its lock file. False if it is not running."""
+    pid = running().get(name)
+    if pid is None or pid <= 0:
         return False
+    with _STARTED_LOCK:
+        proc = _STARTED.pop(name, None)
     try:
-        os.killpg(proc.pid, signal.SIGTERM)  # start_new_session: the group id is the pid
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
+        _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while name in running() or (proc is not None and proc.poll() is None):
+            if time.monotonic() > deadline:
+                _signal(pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
     except ProcessLookupError:
         pass
+    if proc is not None:
+        proc.wait(timeout=5)  # our child: reap it
     return True
 
 
