@@ -123,6 +123,9 @@ def test_faithfulness_json_and_table_on_real_test_images(capsys) -> None:
     assert main([*args, "--baselines", "mean"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| method | deletion AUC ↓ | insertion AUC ↑") and len(table) == 2 + len(r)
+    assert main([*args, "--methods", "gae", "transformer_attribution", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"gae", "transformer_attribution"}
+    assert main([*args, "--methods", "nope"]) == 2 and "unknown method 'nope'" in capsys.readouterr().err
 
 @needs_data()
 def test_eval_json_on_real_test_images(ckpt: Path, capsys) -> None:

@@ -178,13 +178,14 @@ def editing(edit: HeadEdit) -> Iterator[None]:
         _EDIT.reset(token)
 
 
-@torch.no_grad()
 def capture(
-    model: nn.Module, images: Tensor, *, budget_bytes: int = DEFAULT_BUDGET_BYTES
+    model: nn.Module, images: Tensor, *, budget_bytes: int = DEFAULT_BUDGET_BYTES, grad: bool = False
 ) -> Trace:
     """Run ``model`` on ``images`` and return its logits with every attention map.
 
-    Thread-safe on a shared model: nothing is attached to the model.
+    Thread-safe on a shared model: nothing is attached to the model. With ``grad`` the
+    autograd graph is kept, so the logits can be differentiated with respect to the sites'
+    tensors (``torch.autograd.grad``; no parameter ``.grad`` is touched).
 
     >>> model = create_model("sa_cnn").eval()
     >>> trace = capture(model, torch.randn(1, 3, 32, 32))
@@ -197,7 +198,8 @@ def capture(
     rec = Recorder(names, budget_bytes)
     token = _RECORDER.set(rec)
     try:
-        logits = model(images)
+        with torch.set_grad_enabled(grad):
+            logits = model(images)
     finally:
         _RECORDER.reset(token)
     return Trace(logits=logits, sites=rec.sites)
@@ -251,7 +253,7 @@ def attend(
         rec.add(
             AttentionSite(
                 name=rec.name_of(module), q=q, k=k, v=v, weights=weights,
-                similarity=similarity, scale=float(scale), bias=bias, grid=grid, prefix=prefix,
+                similarity=similarity, scale=float(scale.detach() if isinstance(scale, Tensor) else scale), bias=bias, grid=grid, prefix=prefix,
             )
         )
     return out

@@ -196,12 +196,14 @@ def cmd_ablate(a: argparse.Namespace) -> int:
 def cmd_faithfulness(a: argparse.Namespace) -> int:
     from visattn.checkpoint import load_checkpoint
     from visattn.data import load_split, normalise
-    from visattn.faithfulness import evaluate_methods, markdown_table
+    from visattn.faithfulness import EVAL_METHODS, evaluate_methods, markdown_table
 
     model, meta = load_checkpoint(a.checkpoint)
     split = load_split(a.data, "test", cache=a.cache).subset(a.n)
     images = normalise(split.images, meta["mean"], meta["std"])
-    results = evaluate_methods(model, images, split.labels, steps=a.steps, baselines=tuple(a.baselines))
+    methods = tuple(a.methods) if a.methods else EVAL_METHODS
+    results = evaluate_methods(model, images, split.labels, methods=methods, steps=a.steps,
+                               baselines=tuple(a.baselines))
     print(json.dumps(results, indent=2) if a.json else markdown_table(results))
     return 0
 
@@ -271,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--baselines", nargs="+", choices=("blur", "mean"), default=["blur", "mean"],
                    help="what removed pixels become: a strong blur, or the image's mean colour (each map scored "
                         "under each)")
+    f.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help="explanation methods to score (default: all), e.g. rollout gae transformer_attribution random")
     f.add_argument("--cache")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_faithfulness)

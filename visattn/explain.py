@@ -1,5 +1,6 @@
 """Attribution maps beside the attention maps: Grad-CAM, integrated gradients, saliency,
-occlusion (captum), raw attention and rollout. Each method takes one image (1, 3, H, W)
+occlusion (captum), raw attention, rollout, and the transformer relevance of
+:mod:`visattn.relevance` (GAE, transformer attribution). Each method takes one image (1, 3, H, W)
 and returns an :class:`Explanation`: a non-negative float32 (H, W) map at input
 resolution, raw scale (``visattn.maps.normalise`` it for display).
 
@@ -311,9 +312,44 @@ def rollout(model: nn.Module, image: Tensor, target: int | None = None,
     return _from_trace("rollout", model, image, target, lambda sites: rollout_map(sites, 0, head_fusion))
 
 
+def _relevance(name: str, model: nn.Module, image: Tensor, target: int | None) -> Explanation | None:
+    """A :mod:`visattn.relevance` method on one image, its grid map upsampled."""
+    from visattn import relevance
+    from visattn.maps import upsample
+
+    t0, x = time.perf_counter(), _prepare(model, image).detach()
+    r = getattr(relevance, name)(model, x, target)
+    if r is None:
+        return None
+    return _explanation(name, torch.as_tensor(upsample(r.maps()[0], tuple(x.shape[-2:]))), r.targets[0], t0)
+
+
+def gae(model: nn.Module, image: Tensor, target: int | None = None) -> Explanation | None:
+    """Generic attention explainability, gradient-weighted rollout (Chefer et al., ICCV 2021):
+    :func:`visattn.relevance.gae`, upsampled. None if the model has no attention site.
+
+    >>> from visattn import create_model
+    >>> gae(create_model("hybrid_vit").eval(), torch.rand(1, 3, 32, 32), target=3).map.shape
+    (32, 32)
+    """
+    return _relevance("gae", model, image, target)
+
+
+def transformer_attribution(model: nn.Module, image: Tensor, target: int | None = None) -> Explanation | None:
+    """Transformer attribution, LRP-weighted (Chefer et al., CVPR 2021):
+    :func:`visattn.relevance.transformer_attribution`, upsampled. None for models whose
+    transformer blocks it does not know (hybrid_vit and torchvision ViTs are known).
+
+    >>> from visattn import create_model
+    >>> transformer_attribution(create_model("hybrid_vit").eval(), torch.rand(1, 3, 32, 32)).map.shape
+    (32, 32)
+    """
+    return _relevance("transformer_attribution", model, image, target)
+
+
 METHODS: dict[str, Callable[..., Explanation | None]] = {
-    "attention": attention_map, "rollout": rollout, "grad_cam": grad_cam,
-    "integrated_gradients": integrated_gradients, "saliency": saliency, "occlusion": occlusion,
+    "attention": attention_map, "rollout": rollout, "gae": gae, "transformer_attribution": transformer_attribution,
+    "grad_cam": grad_cam, "integrated_gradients": integrated_gradients, "saliency": saliency, "occlusion": occlusion,
 }
 
 

@@ -16,7 +16,8 @@ from torchvision.transforms.functional import gaussian_blur
 
 from visattn.errors import VisattnError
 
-EVAL_METHODS = ("attention", "rollout", "grad_cam", "integrated_gradients", "saliency", "occlusion", "random")
+EVAL_METHODS = ("attention", "rollout", "gae", "transformer_attribution", "grad_cam", "integrated_gradients",
+                "saliency", "occlusion", "random")
 
 
 def _device(model: nn.Module, like: Tensor) -> torch.device:

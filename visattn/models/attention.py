@@ -118,7 +118,7 @@ class SpatialSelfAttention2d(nn.Module):
             record_extras(
                 self,
                 inputs=x.flatten(2).transpose(1, 2), context=context.flatten(2).transpose(1, 2),
-                outputs=y.flatten(2).transpose(1, 2), gate=float(self.gate),
+                outputs=y.flatten(2).transpose(1, 2), gate=float(self.gate.detach()),
             )
         return y
 
