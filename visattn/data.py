@@ -38,11 +38,17 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def sample_indices(self, n: int, seed: int = 0) -> Tensor:
+        """Indices of a fixed random sample of ``n`` images (all of them, in order, if ``n`` >= len)."""
+        if n >= len(self):
+            return torch.arange(len(self))
+        return torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+
     def subset(self, n: int, seed: int = 0) -> "Split":
         """A fixed random sample of ``n`` images (all of them if ``n`` >= len)."""
         if n >= len(self):
             return self
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        idx = self.sample_indices(n, seed)
         return Split(self.images[idx], self.labels[idx], self.classes, self.source)
 
 

@@ -16,7 +16,7 @@ from visattn.errors import VisattnError
 
 
 # ----------------------------------------------------------------------------- Models page
-def _model_inputs(images: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+def model_inputs(images: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> normalised float at the model's input size."""
     from visattn.data import normalise
     from visattn.inference import input_size
@@ -45,7 +45,7 @@ def evaluate_sample(model: nn.Module, meta: dict[str, Any], split, n: int = 1000
     device = next(model.parameters()).device
     preds = []
     for i in range(0, len(idx), batch_size):
-        x = _model_inputs(split.images[idx[i : i + batch_size]], meta).to(device)
+        x = model_inputs(split.images[idx[i : i + batch_size]], meta).to(device)
         preds.append(model(x).argmax(1).cpu())
     pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
     labels = split.labels[idx]
@@ -78,7 +78,7 @@ def head_statistics(model: nn.Module, meta: dict[str, Any], images: torch.Tensor
     sums: dict[str, dict[str, np.ndarray]] = {}
     total = 0
     for i in range(0, len(images), batch_size):
-        x = _model_inputs(images[i : i + batch_size], meta).to(device)
+        x = model_inputs(images[i : i + batch_size], meta).to(device)
         trace = capture(model, x)
         nb = len(x)
         for name, site in trace.attention.items():
