@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = Path(__file__).resolve().parent / "faithfulness"
-sys.path.insert(0, str(ROOT))
+from visattn import paths
+from visattn.faithfulness import markdown_table
+from visattn.zoo import shipped_checkpoints
 
-from visattn.faithfulness import markdown_table  # noqa: E402
-from visattn.zoo import shipped_checkpoints  # noqa: E402
+ROOT = paths.root()
+OUT = Path(__file__).resolve().parent / "faithfulness"
 
 
 def run(name: str, path: str, n: int, data: str) -> None:
@@ -52,7 +52,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--only", nargs="*")
     p.add_argument("--n", type=int, default=500)
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "cifar10"))
+    p.add_argument("--data", default=str(paths.data()))
     p.add_argument("--render", action="store_true", help="only rebuild faithfulness.md from the JSON files")
     a = p.parse_args()
     if not a.render:

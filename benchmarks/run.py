@@ -20,13 +20,12 @@ from typing import Any, Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = Path(__file__).resolve().parent
-DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
-sys.path.insert(0, str(ROOT))
+from visattn import capture, create_model, paths
+from visattn.zoo import load_model
 
-from visattn import capture, create_model  # noqa: E402
-from visattn.zoo import DEFAULT_CHECKPOINT, load_model  # noqa: E402
+ROOT = paths.root()
+OUT = Path(__file__).resolve().parent
+DATA = paths.data()
 
 
 def timeit(fn: Callable[[], Any], repeat: int = 20, warmup: int = 3) -> float:
@@ -42,8 +41,8 @@ def timeit(fn: Callable[[], Any], repeat: int = 20, warmup: int = 3) -> float:
 
 
 def default_model() -> tuple[torch.nn.Module, dict]:
-    if DEFAULT_CHECKPOINT.exists():
-        return load_model(str(DEFAULT_CHECKPOINT))
+    if paths.default_checkpoint().exists():
+        return load_model(str(paths.default_checkpoint()))
     return create_model("sa_cnn").eval(), {"mean": [0.5] * 3, "std": [0.25] * 3, "classes": [str(i) for i in range(10)]}
 
 
@@ -64,12 +63,11 @@ def bench_capture() -> list[dict]:
 # ----------------------------------------------------------------------------- training throughput
 SEED_LOOP = r'''
 import sys, time, torch, torchvision, torchvision.transforms as T
-sys.path.insert(0, sys.argv[1])
 from visattn import create_model
 torch.manual_seed(0)
 tf = T.Compose([T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
-ds = torchvision.datasets.ImageFolder(sys.argv[2] + "/train", transform=tf)
-ds = torch.utils.data.Subset(ds, torch.randperm(len(ds))[: int(sys.argv[3])].tolist())
+ds = torchvision.datasets.ImageFolder(sys.argv[1] + "/train", transform=tf)
+ds = torch.utils.data.Subset(ds, torch.randperm(len(ds))[: int(sys.argv[2])].tolist())
 loader = torch.utils.data.DataLoader(ds, batch_size=100, shuffle=True, num_workers=2)
 model = create_model("sa_cnn").train()
 opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
@@ -88,7 +86,7 @@ def bench_train(n: int = 8192) -> list[dict]:
 
     from visattn.train import TrainConfig, train
 
-    seed = float(subprocess.run([sys.executable, "-c", SEED_LOOP, str(ROOT), str(DATA), str(n)],
+    seed = float(subprocess.run([sys.executable, "-c", SEED_LOOP, str(DATA), str(n)], cwd=ROOT,
                                 capture_output=True, text=True, check=True).stdout.split()[-1])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "b.safetensors"
@@ -140,12 +138,8 @@ def bench_explain() -> list[dict]:
     with torch.no_grad():
         plain = timeit(lambda: model(x), repeat=20)
     rows = []
-    calls = {"attention": lambda: explain.attention_map(model, x), "rollout": lambda: explain.rollout(model, x),
-             "grad_cam": lambda: explain.grad_cam(model, x), "integrated_gradients (50 steps)":
-             lambda: explain.integrated_gradients(model, x, steps=50), "saliency": lambda: explain.saliency(model, x),
-             "occlusion (4×4, stride 2)": lambda: explain.occlusion(model, x)}
-    for name, fn in calls.items():
-        s = timeit(fn, repeat=5, warmup=1)
+    for name, method in explain.METHODS.items():  # each with its defaults (IG: 50 steps; occlusion at 32 px: 4×4, stride 2)
+        s = timeit(lambda: method(model, x), repeat=5, warmup=1)
         rows.append({"what": f"explain: {name}", "baseline": "plain forward", "seconds": s,
                      "baseline_seconds": plain, "ratio": s / plain})
     return rows
@@ -153,15 +147,15 @@ def bench_explain() -> list[dict]:
 
 # ----------------------------------------------------------------------------- the dashboard's server side
 def bench_dashboard(uploads: int = 8, clicks: int = 30) -> list[dict]:
-    """Server-side time of Explore reruns: the page script itself, timed around
-    ``pages._shared.run`` under AppTest (what a Streamlit server runs per interaction):
+    """Server-side time of Explore reruns: the page itself, timed around
+    ``app_pages._state.run`` under AppTest (what a Streamlit server runs per interaction):
     a new upload (bytes -> model -> every figure) and a query click (no model run)."""
     import random
 
     from PIL import Image
     from streamlit.testing.v1 import AppTest
 
-    from pages import _shared
+    from app_pages import _state
 
     model, meta = default_model()
     x = torch.randn(1, 3, 32, 32)
@@ -169,7 +163,7 @@ def bench_dashboard(uploads: int = 8, clicks: int = 30) -> list[dict]:
         plain = timeit(lambda: model(x), repeat=50)
 
     spent: list[float] = []
-    real_run = _shared.run
+    real_run = _state.run
 
     def timed(page: Callable[[], None]) -> None:
         t = time.perf_counter()
@@ -191,9 +185,9 @@ def bench_dashboard(uploads: int = 8, clicks: int = 30) -> list[dict]:
         Image.fromarray((torch.rand(96, 128, 3, generator=g) * 255).byte().numpy()).save(buf, "JPEG")
         return buf.getvalue()
 
-    _shared.run = timed
+    _state.run = timed
     try:
-        at = AppTest.from_file(str(ROOT / "pages" / "explore.py"), default_timeout=300).run()
+        at = AppTest.from_file(str(ROOT / "dashboard.py"), default_timeout=300).run()  # opens on Explore
         at.radio(key="_w_image_source").set_value("Upload an image")
         at.run()
         up = []
@@ -206,7 +200,7 @@ def bench_dashboard(uploads: int = 8, clicks: int = 30) -> list[dict]:
             at.session_state["query_yx"] = (rng.random(), rng.random())
             click.append(rerun(at))
     finally:
-        _shared.run = real_run
+        _state.run = real_run
     up_s, click_s = statistics.median(up[1:]), statistics.median(click[3:])
     return [
         {"what": "new upload, bytes to every figure (Explore script, server side)", "baseline": "plain forward",
@@ -221,10 +215,9 @@ def bench_dashboard(uploads: int = 8, clicks: int = 30) -> list[dict]:
 # ----------------------------------------------------------------------------- scaling with tokens
 SCALE_ONE = r'''
 import json, sys, time, torch
-sys.path.insert(0, sys.argv[1])
 from visattn import capture, create_model
 from visattn.models.attention import SpatialSelfAttention2d
-kind, size, budget = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+kind, size, budget = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
 if kind == "grid":
     model = SpatialSelfAttention2d(64, 4, (size, size)).eval(); x = torch.randn(1, 64, size, size)
@@ -265,7 +258,7 @@ def bench_scaling() -> list[dict]:
     for kind, size in cases:
         res = {}
         for mode, budget in (("plain", -1), ("full", 2**40), ("on-demand", 0)):
-            r = subprocess.run([sys.executable, "-c", SCALE_ONE, str(ROOT), kind, str(size), str(budget)],
+            r = subprocess.run([sys.executable, "-c", SCALE_ONE, kind, str(size), str(budget)], cwd=ROOT,
                                capture_output=True, text=True, check=True)
             res[mode] = json.loads(r.stdout.split("\n")[-2])
         label = f"{size}×{size} grid (C=64, 4 heads)" if kind == "grid" else f"ViT-B/16 at {size} px"

@@ -43,7 +43,6 @@ import hashlib
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -54,14 +53,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
-DEFAULT_CKPT = ROOT / "checkpoints" / "sa_cnn.safetensors"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from visattn import paths
 
-UPLOAD_MODE = "Upload an image"  # pages/_shared.py IMAGE_SOURCES[1]
-PATH_MODE = "Path on the server"  # pages/_shared.py MODEL_SOURCES[2]
+ROOT = paths.root()
+DATA = paths.data()
+DEFAULT_CKPT = paths.default_checkpoint()
+
+UPLOAD_MODE = "Upload an image"  # app_pages/_state.py IMAGE_SOURCES[1]
+PATH_MODE = "Path on the server"  # app_pages/_pickers.py MODEL_SOURCES[2]
 TIMEOUT = 120.0  # seconds per AppTest run (20 sessions share two busy cores)
 
 

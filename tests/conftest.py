@@ -1,15 +1,16 @@
 """Shared fixtures: small configs so every registered model runs fast on CPU."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from visattn import paths
+
 ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("VISATTN_DATA", ROOT.parent / "shared" / "datasets" / "cifar10"))
-DEFAULT_CKPT = ROOT / "checkpoints" / "sa_cnn.safetensors"
+DATA = paths.data()
+DEFAULT_CKPT = paths.default_checkpoint()
 
 
 def small_config(name: str) -> tuple[dict, int]:

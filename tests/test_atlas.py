@@ -14,9 +14,9 @@ from scipy.stats import pearsonr
 
 from tests.conftest import ROOT
 from visattn import atlas, create_model
-from visattn.capture import capture
 from visattn.data import Split
 from visattn.errors import VisattnError
+from visattn.tracing import capture
 
 
 def tiny_model() -> torch.nn.Module:

@@ -1,10 +1,12 @@
 """A real browser: start the dashboard, drive Debian's headless Chromium with Selenium,
-upload a photo, click the image to set a query and check that the maps change.
+upload a photo, click the image to set a query and check that the maps change; and a
+bookmarked page URL opened as the very first request of a fresh server.
 
 Screenshots go to ``$VISATTN_SCREENSHOTS`` (default: the test's temporary folder).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -15,6 +17,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from PIL import Image
@@ -35,8 +38,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+@contextlib.contextmanager
+def dashboard_server() -> Iterator[str]:
+    """A fresh ``streamlit run dashboard.py`` on a free local port; yields its URL."""
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -54,9 +58,17 @@ def server():
     else:
         proc.kill()
         pytest.fail("the dashboard did not start: " + proc.stdout.read().decode()[-2000:])
-    yield url
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
+    try:
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with dashboard_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +216,24 @@ def test_bad_upload_shows_one_error_and_next_upload_works(server: str, driver, t
              and driver.find_elements(By.CSS_SELECTOR, 'iframe[title*="streamlit_image_coordinates"]'),
              what="the good upload to replace the error")
     no_exception(driver)
+
+
+def test_bookmarked_page_opens_inside_the_navigation_on_a_fresh_server(driver) -> None:
+    """The first request a new server gets is a bookmarked /learn: Learn opens with the
+    dashboard around it (navigation listing every page, the sidebar model picker), not
+    alone. (Streamlit would run a file alone on a fresh server if the pages lived in a
+    folder called pages/ next to dashboard.py: see app_pages/__init__.py.)"""
+    from selenium.webdriver.common.by import By
+
+    from app_pages import PAGES
+
+    with dashboard_server() as url:
+        driver.get(url + "/learn")
+        wait_for(driver, lambda: "Learn" in driver.find_element(By.TAG_NAME, "h1").text, what="the Learn page")
+        idle(driver, settle=2, timeout=180)
+        no_exception(driver)
+        links = [e.text for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebarNav"] a')]
+        assert [t for t in (p.title for p in PAGES) if any(t in link for link in links)] == [p.title for p in PAGES], links
+        sidebar = driver.find_element(By.CSS_SELECTOR, '[data-testid="stSidebar"]').text
+        assert "Model source" in sidebar and "Checkpoint" in sidebar, sidebar
+        assert driver.current_url.rstrip("/").endswith("/learn")

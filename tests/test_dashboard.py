@@ -1,45 +1,32 @@
-"""The Streamlit dashboard (dashboard.py, pages/) under streamlit.testing.v1.AppTest,
-and the plain helpers behind it (visattn/views.py, runs.py, lesson.py, figures.py).
+"""The Streamlit dashboard (dashboard.py, app_pages/) under streamlit.testing.v1.AppTest,
+and the plain helpers behind it (visattn/app/: views, runs, lesson, figures).
 
 AppTest runs the scripts in this process, so the model cache is shared between tests
 and calls can be counted by patching ``visattn.inference.analyse_tensor``.
 
-Pages are also run on their own (``AppTest.from_file("pages/x.py")``): a page then draws
-the sidebar model picker itself. Through dashboard.py, AppTest treats ``pages/`` as an
-old-style pages folder on reruns (it resets Streamlit's flag before each run) and runs the
-page alone; ``_shared.page_start`` clears the flag and reruns, as it does for a first visit
-to a page URL on a fresh server, so the test below also checks that fix (dashboard.py's
-sidebar is there on every page). Uploads go through the real ``st.file_uploader``
-(AppTest 1.67 can set its files).
+Every test runs the whole dashboard (``app_pages.main``: navigation, sidebar picker, page),
+opened on the page under test as a visitor of its URL would be (``main(start=...)``: AppTest
+switches pages by script file, and these pages are callables). Uploads go through the real
+``st.file_uploader`` (AppTest 1.67 can set its files).
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from app_pages import PAGES
+from tests.bad_inputs import make_corpus, valid_jpeg
+from tests.conftest import DEFAULT_CKPT, needs_data
+from visattn import explain, paths
+from visattn.app import figures, runs, views
+from visattn.app.lesson import lesson
+from visattn.errors import VisattnError
 
-from bad_inputs import make_corpus, valid_jpeg  # noqa: E402
-
-from visattn import figures, runs, views  # noqa: E402
-from visattn.errors import VisattnError  # noqa: E402
-from visattn.lesson import lesson  # noqa: E402
-
-DEFAULT_CKPT = ROOT / "checkpoints" / "sa_cnn.safetensors"
-PAGES = ["pages/explore.py", "pages/compare.py", "pages/train.py", "pages/models.py", "pages/learn.py"]
-TITLES = {"pages/explore.py": "Explore", "pages/compare.py": "Compare", "pages/train.py": "Train",
-          "pages/models.py": "Models", "pages/learn.py": "Learn"}
 TIMEOUT = 60
-
-from tests.conftest import needs_data  # noqa: E402
 
 needs_checkpoint = pytest.mark.skipif(
     not DEFAULT_CKPT.is_file(),
@@ -47,10 +34,17 @@ needs_checkpoint = pytest.mark.skipif(
 )
 
 
-def app(script: str = "dashboard.py"):
+def _dashboard(start: str) -> None:  # AppTest.from_function runs this function's source as the script
+    from app_pages import main
+
+    main(start)
+
+
+def app(page: str = "explore"):
+    """The dashboard, opened on ``page`` (a URL path of ``app_pages.PAGES``)."""
     from streamlit.testing.v1 import AppTest
 
-    return AppTest.from_file(str(ROOT / script), default_timeout=TIMEOUT)
+    return AppTest.from_function(_dashboard, args=(page,), default_timeout=TIMEOUT)
 
 
 def problems(at) -> list[str]:
@@ -63,7 +57,7 @@ def errors(at) -> list[str]:
 
 def sample_photo() -> tuple[str, bytes]:
     """A real photo (a CIFAR-10 test JPEG) when the data set is here, else a synthetic JPEG."""
-    folder = views.data_path() / "test" / "cat"
+    folder = paths.data() / "test" / "cat"
     if folder.is_dir():
         for p in sorted(folder.iterdir()):
             if p.suffix.lower() in (".jpg", ".jpeg", ".png"):
@@ -83,25 +77,19 @@ def to_upload_mode(at):
 
 # ----------------------------------------------------------------------------- AppTest: pages
 @needs_checkpoint
-def test_every_page_renders_on_the_default_checkpoint():
-    at = app().run()
+@pytest.mark.parametrize("spec", PAGES, ids=[p.url_path for p in PAGES])
+def test_every_page_renders_on_the_default_checkpoint(spec):
+    at = app(spec.url_path).run()
     assert not at.exception, problems(at)
     assert not errors(at), errors(at)
-    assert at.title[0].value.startswith("Explore")
+    assert at.title[0].value.startswith(spec.title)
     assert at.session_state["model_handle"].meta["model"] == "sa_cnn"
-    for page in PAGES[1:]:
-        at.switch_page(page).run()
-        assert not at.exception, (page, problems(at))
-        assert not errors(at), (page, errors(at))
-        assert at.title[0].value.startswith(TITLES[page]), page
-        assert at.sidebar.radio(key="model_source").value == "Checkpoint"  # dashboard.py's sidebar ran too
-    at.switch_page("pages/explore.py").run()
-    assert not at.exception and at.title[0].value.startswith("Explore")
+    assert at.sidebar.radio(key="model_source").value == "Checkpoint"  # the navigation's sidebar ran too
 
 
 @needs_checkpoint
 def test_explore_upload_gives_predictions_and_overlays():
-    at = app("pages/explore.py").run()
+    at = app("explore").run()
     to_upload_mode(at)
     assert [i.value for i in at.info] == ["Upload an image to begin, or switch to a test-set sample."]
     name, data = sample_photo()
@@ -118,7 +106,7 @@ def test_explore_upload_gives_predictions_and_overlays():
 
 @needs_checkpoint
 def test_bad_uploads_show_one_error_then_a_good_upload_works(tmp_path):
-    at = app("pages/explore.py").run()
+    at = app("explore").run()
     to_upload_mode(at)
     corpus = make_corpus(tmp_path)
     bad = {name: path for name, (path, ok) in corpus.items() if not ok}
@@ -148,7 +136,7 @@ def test_query_change_does_not_run_the_model_again(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(inference, "analyse_tensor", counting)
-    at = app("pages/explore.py").run()
+    at = app("explore").run()
     to_upload_mode(at)
     upload(at, "fresh.jpg", valid_jpeg(40, 40))  # bytes this process has not analysed yet
     assert len(calls) == 1 and not at.exception and not at.error, (calls, problems(at), errors(at))
@@ -170,7 +158,7 @@ def test_query_change_does_not_run_the_model_again(monkeypatch):
 
 @needs_checkpoint
 def test_checkpoint_upload_is_validated(tmp_path):
-    at = app("pages/learn.py").run()
+    at = app("learn").run()
     at.radio(key="model_source").set_value("Upload .safetensors").run()
     assert not at.exception, problems(at)
     for name, data in [("junk.safetensors", b"\x00" * 64), ("text.safetensors", b"hello" * 100),
@@ -188,7 +176,7 @@ def test_checkpoint_upload_is_validated(tmp_path):
 @needs_checkpoint
 @needs_data()
 def test_learn_page_checks_its_numbers():
-    at = app("pages/learn.py").run()
+    at = app("learn").run()
     assert not at.exception and not at.error, (problems(at), errors(at))
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Sum of all the weights"] == "1.000000"
@@ -200,7 +188,7 @@ def test_learn_page_checks_its_numbers():
 @needs_checkpoint
 def test_pages_work_without_the_data_set(monkeypatch, tmp_path):
     monkeypatch.setenv("VISATTN_DATA", str(tmp_path / "no_such_dataset"))
-    for page in ("pages/explore.py", "pages/models.py", "pages/train.py"):
+    for page in ("explore", "models", "train"):
         at = app(page).run()
         assert not at.exception and not at.error, (page, problems(at), errors(at))
         assert any("not available" in i.value for i in at.info), page
@@ -233,9 +221,9 @@ def test_train_form_starts_and_stops_a_background_run(monkeypatch, tmp_path):
 
     monkeypatch.setattr(runs.os, "killpg", killpg)
     monkeypatch.setattr(runs.os, "getpgid", lambda pid: pid)
-    monkeypatch.setattr(runs, "RUNS_DIR", tmp_path)
+    monkeypatch.setenv("VISATTN_RUNS", str(tmp_path))
     monkeypatch.setattr(runs, "_STARTED", {})
-    at = app("pages/train.py").run()
+    at = app("train").run()
     assert not at.exception, problems(at)
     at.text_input(key="train_name").set_value("unit_test_run")
     at.button[0].click().run()  # the form's submit button
@@ -297,7 +285,7 @@ def test_read_metrics_tolerates_a_half_written_line(tmp_path):
 @pytest.mark.parametrize("config", [{"similarity": "dot", "pos_encoding": "relative"},
                                     {"similarity": "cosine", "pos_encoding": "sinusoidal"}])
 def test_lesson_reproduces_the_layer(config):
-    from visattn.capture import capture
+    from visattn.tracing import capture
     from visattn.models import create_model
 
     model = create_model("sa_cnn", widths=(8, 16, 16), heads=2, **config).eval()
@@ -323,14 +311,14 @@ def test_compare_scores_each_map_beside_it_per_attention_layer():
     """On a model with several attention layers, Compare offers each layer's attention;
     every map has its deletion/insertion AUCs beside it, and a sanity verdict appears
     beside the map it checked."""
-    at = app("pages/compare.py").run()
+    at = app("compare").run()
     label = next(lab for lab in at.sidebar.selectbox(key="checkpoint_label").options if "hybrid_vit" in lab)
     at.sidebar.selectbox(key="checkpoint_label").set_value(label).run()
     assert not at.exception and not at.error, (problems(at), errors(at))
     layers = at.selectbox(key="_w_attn_layer").options
     assert len(layers) == 4 and at.selectbox(key="_w_attn_layer").value == layers[-1]
     aucs = [m.value for m in at.markdown if m.value.startswith("deletion AUC")]
-    assert len(aucs) == 6, aucs  # attention, rollout, Grad-CAM, IG, saliency, occlusion
+    assert len(aucs) == len(explain.METHODS), aucs  # every method of the table applies to hybrid_vit
     at.selectbox(key="_w_attn_layer").set_value(layers[0]).run()
     assert not at.exception and any(s.value == f"Attention ({layers[0]})" for s in at.subheader)
     after = [m.value for m in at.markdown if m.value.startswith("deletion AUC")]
@@ -339,3 +327,23 @@ def test_compare_scores_each_map_beside_it_per_attention_layer():
     at.button(key="sanity_run").click().run()
     assert not at.exception and not at.error, (problems(at), errors(at))
     assert sum(m.value.startswith("sanity check: final ρ") for m in at.markdown) == 1
+
+
+@needs_checkpoint
+def test_compare_draws_every_method_of_the_table(monkeypatch):
+    """Compare lays out whatever ``visattn.explain.METHODS`` holds: a seventh method gets
+    its map, its caption and its AUCs like the six others."""
+    from visattn import explain
+
+    def edges(model, image, target=None):
+        e = explain.saliency(model, image, target)
+        return explain.Explanation("edges", e.map, e.target, e.seconds)
+
+    monkeypatch.setitem(explain.METHODS, "edges", explain.Method("edges", "Edges (test)", edges))
+    at = app("compare").run()
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    titles = [s.value for s in at.subheader]
+    assert [m.label for m in explain.METHODS.values()] == titles[:len(explain.METHODS)], titles
+    drawn = len([m for m in at.markdown if m.value.startswith("deletion AUC")])
+    missing = len([i for i in at.info if i.value.startswith("Not available")])  # transformer attribution: no ViT blocks
+    assert drawn + missing == len(explain.METHODS) and drawn >= 7, (drawn, missing)

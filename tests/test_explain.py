@@ -161,3 +161,37 @@ def test_threads_share_a_model_without_cross_talk(tiny):
 def test_docstring_examples(tiny):
     globs = {"model": tiny, "image": images(1), "create_model": create_model, "torch": torch}
     assert doctest.testmod(explain, extraglobs=globs).failed == 0
+
+
+def test_grad_cam_on_a_vit_block_uses_the_grid_its_attention_site_records():
+    """Tokens entering a torchvision encoder layer (CLS + 3×3 patches) are explained on the
+    grid and prefix that the layer's attention site records, not on a guess from the count."""
+    from visattn import capture
+
+    model = create_model("vit_b_16", image_size=48, num_classes=10).eval()
+    nn.init.normal_(model.heads.head.weight, std=0.1)  # torchvision starts the head at zero: no gradient
+    x = torch.rand(1, 3, 48, 48)
+    site = capture(model, x).attention["encoder.layers.encoder_layer_1.self_attention"]
+    tokens = model.encoder.layers[0](model.encoder.dropout(
+        torch.cat([model.class_token, model._process_input(x)], 1) + model.encoder.pos_embedding))
+    probe = explain._GridProbe(model.encoder.layers[1])
+    assert probe.token_layout(tokens) == (site.grid, site.prefix) == ((3, 3), 1)
+    e = grad_cam(model, x, 2, layer="encoder.layers.encoder_layer_1")
+    check(e, "grad_cam", side=48)
+    assert e.map.max() > 0
+
+
+def test_method_table_is_complete_and_callable(tiny):
+    """One row per method: its name, a label, the function it calls, slow or not, whether it
+    takes a layer (then it accepts ``layer=``), and whether it needs attention."""
+    assert list(explain.METHODS) == ["attention", "rollout", "gae", "transformer_attribution", "grad_cam",
+                                     "integrated_gradients", "saliency", "occlusion"]
+    assert len({m.label for m in explain.METHODS.values()}) == len(explain.METHODS)
+    assert {n for n, m in explain.METHODS.items() if m.slow} == {"integrated_gradients", "occlusion"}
+    for name, m in explain.METHODS.items():
+        assert m.name == name and explain.method(name) is m
+        if m.takes_layer:
+            layer = "stages.1" if name == "grad_cam" else "stages.1.1"
+            check(m(tiny, images(1), 3, layer=layer, **FAST[name]), name)
+    with pytest.raises(ExplainError, match="unknown method"):
+        explain.method("nope")

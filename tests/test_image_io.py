@@ -18,13 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile, ImageFilter
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import bad_inputs  # noqa: E402
-from bad_inputs import corpus_bytes, encode, make_corpus, noise_image  # noqa: E402
-
-from visattn import image_io  # noqa: E402
-from visattn.errors import ImageError  # noqa: E402
-from visattn.image_io import MAX_BYTES, MAX_PIXELS, image_to_tensor, image_to_uint8_array, load_image  # noqa: E402
+from tests import bad_inputs
+from tests.bad_inputs import corpus_bytes, encode, make_corpus, noise_image
+from visattn import image_io
+from visattn.errors import ImageError
+from visattn.image_io import MAX_BYTES, MAX_PIXELS, image_to_tensor, image_to_uint8_array, load_image
 
 CASES = corpus_bytes()
 GOOD = sorted(n for n, (_, _, ok) in CASES.items() if ok)

@@ -14,11 +14,11 @@ import plotly.graph_objects as go  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from visattn.capture import AttentionSite, capture  # noqa: E402
 from visattn.maps import (  # noqa: E402
     grid_index, head_entropy, mean_attention_distance, normalise, query_maps, rollout, rollout_map, upsample,
 )
 from visattn.models import create_model  # noqa: E402
+from visattn.tracing import AttentionSite, capture  # noqa: E402
 from visattn.plotting import (  # noqa: E402
     channel_bar_figure, figure_to_png, maps_to_npz, overlay, overlay_grid_figure, similarity_figure,
     topk_bar_figure,

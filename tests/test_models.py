@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
 
 from tests.conftest import small_config
-from visattn import AttentionSite, ChannelSite, SpatialSite, capture, create_model, list_models
+from visattn import AttentionSite, ChannelSite, SpatialSite, capture, create_model, list_models, tracing
 
 VARIANTS = [(name, {}) for name in list_models()] + [
     ("sa_cnn", {"similarity": "cosine"}),
@@ -101,9 +100,8 @@ def test_fused_and_explicit_paths_agree(extra: dict) -> None:
 def test_cpu_bf16_training_takes_the_explicit_form(monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 training on CPU computes attention explicitly (faster there); inference and
     float32 training keep the fused kernel."""
-    capture_module = sys.modules["visattn.capture"]  # the package's `capture` is the function
-    real, calls = capture_module.fused_is_faster, []
-    monkeypatch.setattr(capture_module, "fused_is_faster", lambda q: calls.append(real(q)) or real(q))
+    real, calls = tracing.fused_is_faster, []
+    monkeypatch.setattr(tracing, "fused_is_faster", lambda q: calls.append(real(q)) or real(q))
     model, x = build("sa_cnn", {})
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x).float().sum().backward()
@@ -119,8 +117,6 @@ def test_cpu_bf16_training_takes_the_explicit_form(monkeypatch: pytest.MonkeyPat
 def test_explicit_bf16_attention_is_as_accurate_as_the_fused_kernel(similarity: str) -> None:
     """Output and gradients of Q, K, V in bf16, both forms against a float64 reference:
     the explicit form stays at bf16 rounding level, like the fused kernel."""
-    from visattn.capture import attend
-
     torch.manual_seed(0)
     q0, k0, v0 = (torch.randn(8, 4, 64, 32) * 1.5 for _ in range(3))
     upstream = torch.randn(8, 4, 64, 32)
@@ -130,8 +126,8 @@ def test_explicit_bf16_attention_is_as_accurate_as_the_fused_kernel(similarity: 
         q, k, v = (t.to(dtype).requires_grad_() for t in (q0, k0, v0))
         scale = torch.tensor(7.0) if similarity == "cosine" else 32 ** -0.5
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(sys.modules["visattn.capture"], "fused_is_faster", lambda _: fused)
-            out = attend(module, q, k, v, similarity=similarity, scale=scale, bias=None, grid=(8, 8))
+            mp.setattr(tracing, "fused_is_faster", lambda _: fused)
+            out = tracing.attend(module, q, k, v, similarity=similarity, scale=scale, bias=None, grid=(8, 8))
         (out.double() * upstream).sum().backward()
         return torch.cat([t.double().flatten() for t in (out, q.grad, k.grad, v.grad)])
 

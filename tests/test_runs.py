@@ -1,4 +1,4 @@
-"""visattn.runs: training runs are found from their lock files, so a restarted server still
+"""visattn.app.runs: training runs are found from their lock files, so a restarted server still
 lists, limits and stops the runs an earlier server process started (real processes here)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from visattn import runs
+from visattn.app import runs
 from visattn.errors import VisattnError
 
 # A stand-in for `visattn train`: takes the run's lock as train() does, then waits to be stopped.
@@ -28,9 +28,10 @@ with run_lock(Path(sys.argv[1])):
 FIRST_SERVER = """
 import sys
 from pathlib import Path
-from visattn import runs
-runs.RUNS_DIR = Path(sys.argv[1])
-proc = runs.start_training("restart_me", [sys.executable, "-c", sys.argv[2], str(runs.RUNS_DIR / "restart_me.safetensors")])
+import os
+os.environ["VISATTN_RUNS"] = sys.argv[1]
+from visattn.app import runs
+proc = runs.start_training("restart_me", [sys.executable, "-c", sys.argv[2], str(Path(sys.argv[1]) / "restart_me.safetensors")])
 print(proc.pid)
 """
 
@@ -51,7 +52,7 @@ def alive(pid: int) -> bool:
 
 
 def test_runs_outlive_the_server_that_started_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runs, "RUNS_DIR", tmp_path)
+    monkeypatch.setenv("VISATTN_RUNS", str(tmp_path))
     monkeypatch.setattr(runs, "_STARTED", {})
     monkeypatch.delenv("VISATTN_PUBLIC", raising=False)
     out = subprocess.run([sys.executable, "-c", FIRST_SERVER, str(tmp_path), HOLD], cwd=ROOT, capture_output=True,
@@ -74,7 +75,7 @@ def test_runs_outlive_the_server_that_started_them(tmp_path: Path, monkeypatch: 
 
 
 def test_a_run_started_here_counts_before_it_takes_its_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runs, "RUNS_DIR", tmp_path)
+    monkeypatch.setenv("VISATTN_RUNS", str(tmp_path))
     monkeypatch.setattr(runs, "_STARTED", {})
     monkeypatch.delenv("VISATTN_PUBLIC", raising=False)
     proc = runs.start_training("slow_start", [sys.executable, "-c", "import time; time.sleep(600)"])  # never locks
@@ -90,7 +91,7 @@ def test_a_run_started_here_counts_before_it_takes_its_lock(tmp_path: Path, monk
 
 
 def test_only_the_lab_may_start_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runs, "RUNS_DIR", tmp_path)
+    monkeypatch.setenv("VISATTN_RUNS", str(tmp_path))
     monkeypatch.setenv("VISATTN_PUBLIC", "1")
     with pytest.raises(VisattnError, match="training is off on this public server"):
         runs.start_training("nope", [sys.executable, "-c", "pass"])

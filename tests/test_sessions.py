@@ -21,16 +21,11 @@ asserted.
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.sessions import (  # noqa: E402
+from benchmarks.sessions import (
     DATA, DEFAULT_CKPT, SessionResult, cifar_images, concurrent_apptest, describe, frozen_checkpoint, query_for,
     run_session, run_sessions,
 )

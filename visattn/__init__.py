@@ -1,8 +1,8 @@
 """visattn: see what the attention layers of vision models look at."""
 from visattn.ablation import ablate, head_importance, patch, patching_effects
-from visattn.capture import AttentionSite, ChannelSite, SpatialSite, Trace, capture
 from visattn.errors import CheckpointError, ImageError, TrainingError, VisattnError
 from visattn.models import create_model, list_models
+from visattn.tracing import AttentionSite, ChannelSite, SpatialSite, Trace, capture
 
 __version__ = "0.1.0"
 

@@ -2,7 +2,7 @@
 activation patching.
 
 Every function here edits head outputs (``weights @ V``, (B, heads, N, d_v), before the
-layer's output projection) through :func:`visattn.capture.editing`: the edit lives in a
+layer's output projection) through :func:`visattn.tracing.editing`: the edit lives in a
 per-thread ``ContextVar``, so threads sharing one cached model never see each other's
 ablations, and nothing (no hook, no flag, no parameter) is left on the model. Models run in
 whatever train/eval mode the caller left them in; use eval mode (batch norm in train mode
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from visattn.capture import editing
+from visattn.tracing import editing
 from visattn.errors import VisattnError
 
 MODES = ("zero", "mean")
@@ -125,7 +125,7 @@ def ablate(model: nn.Module, images: Tensor, heads: HeadSpec, mode: str = "zero"
     """Logits of ``model(images)`` with the given heads' outputs replaced.
 
     Args:
-        model: a classifier whose attention goes through ``visattn.capture.attend``.
+        model: a classifier whose attention goes through ``visattn.tracing.attend``.
         images: (B, 3, H, W), normalised as the model expects.
         heads: ``{layer name: [head, ...]}``; an empty mapping gives the plain logits.
         mode: "zero" (outputs set to 0) or "mean" (set to their mean over ``reference``,

@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from visattn.capture import AttentionSite, capture
 from visattn.errors import VisattnError
+from visattn.tracing import AttentionSite, capture
 
 VERSION = 1  # bump when the cached content changes meaning
 DEFAULT_MAX_TOKENS = 4096  # tokens sampled per layer (each gives one query and one key point)
@@ -328,7 +328,7 @@ def build_atlas(model: nn.Module, meta: dict[str, Any], split, *, n: int = 1000,
         atlas = build_atlas(model, meta, load_split("../shared/datasets/cifar10", "test"), n=1000)
         [(row["layer"], row["head"], row["corr"]) for row in atlas.summary()]
     """
-    from visattn.evaluation import model_inputs
+    from visattn.inference import model_inputs
     from visattn.train import dist_info
 
     if method not in METHODS:

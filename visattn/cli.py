@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from visattn import paths
 from visattn.errors import VisattnError
-
-CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -51,16 +50,24 @@ def reproduce_command(meta: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def cmd_models(a: argparse.Namespace) -> int:
-    from visattn.checkpoint import read_metadata
-    from visattn.models import list_models
+def _number(value: Any, fmt: str) -> str:
+    """``value`` formatted, or "n/a" when a checkpoint does not record it.
 
+    >>> _number(0.9003, ".2%"), _number(None, ".2%")
+    ('90.03%', 'n/a')
+    """
+    return format(value, fmt) if isinstance(value, (int, float)) else "n/a"
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from visattn.models import list_models
+    from visattn.zoo import shipped_checkpoints
+
+    folder = paths.checkpoints()
     rows = []
-    for path in sorted(CHECKPOINT_DIR.glob("*.safetensors")):
-        if path.name.endswith(".state.safetensors"):
-            continue
-        meta = read_metadata(path)
-        rows.append({"checkpoint": str(path.relative_to(CHECKPOINT_DIR.parent)), "model": meta["model"],
+    for name, meta in shipped_checkpoints(folder).items():
+        path = Path(meta["path"])
+        rows.append({"checkpoint": f"{folder.name}/{name}", "model": meta.get("model"),
                      "accuracy": meta.get("accuracy"), "params": meta.get("params"), "epochs": meta.get("epochs"),
                      "train_seconds": meta.get("train_seconds"), "hardware": meta.get("hardware"),
                      "size_mb": path.stat().st_size / 2**20, "command": reproduce_command(meta)})
@@ -68,8 +75,8 @@ def cmd_models(a: argparse.Namespace) -> int:
         print("| checkpoint | model | top-1 (CIFAR-10 test, 10,000) | params | epochs | training time | hardware | size |")
         print("|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| `{r['checkpoint']}` | {r['model']} | {r['accuracy']:.2%} | {r['params']:,} | {r['epochs']} | "
-                  f"{(r['train_seconds'] or 0) / 60:.0f} min | {r['hardware']} | {r['size_mb']:.1f} MB |")
+            print(f"| `{r['checkpoint']}` | {r['model']} | {_number(r['accuracy'], '.2%')} | {_number(r['params'], ',')} "
+                  f"| {r['epochs']} | {(r['train_seconds'] or 0) / 60:.0f} min | {r['hardware']} | {r['size_mb']:.1f} MB |")
         print()
         for r in rows:
             print(f"- `{r['checkpoint']}`: `{r['command']}`")
@@ -79,7 +86,8 @@ def cmd_models(a: argparse.Namespace) -> int:
         return 0
     print("registered models:", ", ".join(list_models()))
     for r in rows:
-        print(f"  {r['checkpoint']}: {r['model']}, {r['accuracy']:.2%} top-1, {r['params']:,} params, {r['epochs']} epochs")
+        print(f"  {r['checkpoint']}: {r['model']}, {_number(r['accuracy'], '.2%')} top-1, "
+              f"{_number(r['params'], ',')} params, {r['epochs']} epochs")
     return 0
 
 
@@ -196,12 +204,12 @@ def cmd_ablate(a: argparse.Namespace) -> int:
 def cmd_faithfulness(a: argparse.Namespace) -> int:
     from visattn.checkpoint import load_checkpoint
     from visattn.data import load_split, normalise
-    from visattn.faithfulness import EVAL_METHODS, evaluate_methods, markdown_table
+    from visattn.faithfulness import evaluate_methods, markdown_table
 
     model, meta = load_checkpoint(a.checkpoint)
     split = load_split(a.data, "test", cache=a.cache).subset(a.n)
     images = normalise(split.images, meta["mean"], meta["std"])
-    methods = tuple(a.methods) if a.methods else EVAL_METHODS
+    methods = tuple(a.methods) if a.methods else None  # None: every method and the random floor
     results = evaluate_methods(model, images, split.labels, methods=methods, steps=a.steps,
                                baselines=tuple(a.baselines))
     print(json.dumps(results, indent=2) if a.json else markdown_table(results))
@@ -214,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (see visattn/train.py for examples)")
     t.add_argument("--model", default="sa_cnn")
-    t.add_argument("--data", default="../shared/datasets/cifar10", help="folder with train/ and test/, or 'cifar10' to download")
+    t.add_argument("--data", default=None, help="folder with train/ and test/, or 'cifar10' to download")
     t.add_argument("--out", required=True)
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override, repeatable")
     t.add_argument("--resume", action="store_true", help="continue from OUT's .state.safetensors")
@@ -233,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="top-1, per-class accuracy and confusion matrix on the test split")
     e.add_argument("checkpoint")
-    e.add_argument("--data", default="../shared/datasets/cifar10")
+    e.add_argument("--data", default=None)
     e.add_argument("--n", type=int, default=0, help="evaluate on a fixed sample of N test images")
     e.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
     e.add_argument("--cache")
@@ -267,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("faithfulness", help="deletion/insertion AUC per explanation method")
     f.add_argument("checkpoint")
-    f.add_argument("--data", default="../shared/datasets/cifar10")
+    f.add_argument("--data", default=None)
     f.add_argument("--n", type=int, default=500)
     f.add_argument("--steps", type=int, default=16)
     f.add_argument("--baselines", nargs="+", choices=("blur", "mean"), default=["blur", "mean"],

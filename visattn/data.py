@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from visattn import paths
 from visattn.errors import VisattnError
 from visattn.image_io import image_to_uint8_array, load_image
 
@@ -53,8 +54,9 @@ class Split:
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """Where decoded data sets live: ``override``, ``$VISATTN_CACHE`` or ``~/.cache/visattn``."""
-    path = Path(override or os.environ.get("VISATTN_CACHE") or Path.home() / ".cache" / "visattn")
+    """Where decoded data sets live: ``override``, else ``visattn.paths.cache()``
+    (``$VISATTN_CACHE`` or ``~/.cache/visattn``)."""
+    path = Path(override).expanduser() if override else paths.cache()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -110,12 +112,13 @@ def load_torchvision_cifar10(root: str | os.PathLike, train: bool, download: boo
     return Split(images, torch.tensor(ds.targets, dtype=torch.int64), tuple(ds.classes), "torchvision:CIFAR10")
 
 
-def load_split(data: str, split: str, size: int = 32, cache: str | None = None) -> Split:
+def load_split(data: str | os.PathLike | None, split: str, size: int = 32, cache: str | None = None) -> Split:
     """``data`` is a folder holding ``train/`` and ``test/`` (or one ImageFolder tree),
-    or ``cifar10`` for torchvision's download into the cache folder."""
+    ``cifar10`` for torchvision's download into the cache folder, or None for
+    ``visattn.paths.data()``."""
     if data == "cifar10":
         return load_torchvision_cifar10(cache_dir(cache) / "torchvision", train=split == "train")
-    root = Path(data)
+    root = Path(data) if data is not None else paths.data()
     return load_image_folder(root / split if (root / split).is_dir() else root, size, cache)
 
 

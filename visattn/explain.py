@@ -4,6 +4,10 @@ occlusion (captum), raw attention, rollout, and the transformer relevance of
 and returns an :class:`Explanation`: a non-negative float32 (H, W) map at input
 resolution, raw scale (``visattn.maps.normalise`` it for display).
 
+:data:`METHODS` is the one table of them (name, label, function, slow or not, takes a
+layer or not) that the Compare page, the CLI, ``visattn.faithfulness`` and the benchmarks
+read: a new method is a function here and one row there.
+
 Concurrency: gradient methods hold a lock per model (:func:`model_lock`), so two threads
 never interleave hooks on one shared model; Grad-CAM's hook goes on a private view (new
 module objects along the path to the layer, everything else shared), so plain forwards
@@ -26,8 +30,8 @@ import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion, Saliency
 from torch import Tensor, nn
 
-from visattn.capture import AttentionSite, capture
 from visattn.errors import VisattnError
+from visattn.tracing import AttentionSite, capture
 
 _CAM_NAME = re.compile(r"stem|tokenizer|conv_proj|stages\.\d+(\.\d+)?|blocks\.\d+|encoder\.layers\.[^.]+")
 _LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
@@ -120,12 +124,18 @@ class _GridProbe(nn.Module):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if x.dim() != 3:
             return self.probe(self.layer(x, *args, **kwargs))
-        from visattn.models.tv_vit import _grid_of
-
         b, n, c = x.shape
-        (h, w), p = _grid_of(n)
+        (h, w), p = self.token_layout(x)
         grid = self.probe(x[:, p:].transpose(1, 2).reshape(b, c, h, w))
         return self.layer(torch.cat([x[:, :p], grid.flatten(2).transpose(1, 2)], dim=1), *args, **kwargs)
+
+    def token_layout(self, x: Tensor) -> tuple[tuple[int, int], int]:
+        """(grid, prefix) of tokens entering the block, as its first attention site records them."""
+        sites = capture(self.layer, x.detach()).attention
+        if not sites:
+            raise ExplainError("Grad-CAM on tokens needs a block with an attention layer inside (to know the grid)")
+        site = next(iter(sites.values()))
+        return site.grid, site.prefix
 
 
 def _shallow(module: nn.Module) -> nn.Module:
@@ -234,19 +244,24 @@ def saliency(model: nn.Module, image: Tensor, target: int | None = None) -> Expl
                             lambda x, t: Saliency(model).attribute(x, target=t, abs=True), lambda a: a.amax(0))
 
 
-def occlusion(model: nn.Module, image: Tensor, target: int | None = None, window: int = 4,
-              stride: int = 2, perturbations_per_eval: int = 64) -> Explanation:
+def occlusion(model: nn.Module, image: Tensor, target: int | None = None, window: int | None = None,
+              stride: int | None = None, perturbations_per_eval: int = 64) -> Explanation:
     """Occlusion (Zeiler & Fergus 2014): the drop of the target logit when a zero
     (3, window, window) patch covers each pixel, ReLU'd. Batched, without gradients:
     about ((H - window) / stride + 1)² / perturbations_per_eval forwards.
 
     Args:
-        model, image, target: as for :func:`grad_cam`. window, stride: patch side and step.
-        perturbations_per_eval: occluded copies per forward.
+        model, image, target: as for :func:`grad_cam`. window, stride: patch side and step;
+            None: they grow with the image, about 15×15 positions whatever its size
+            (4 and 2 at 32 px). perturbations_per_eval: occluded copies per forward.
 
     >>> occlusion(model, image, target=3, window=8, stride=4).map.shape
     (32, 32)
     """
+    side = int(image.shape[-1])
+    window = max(4, side // 8) if window is None else window
+    stride = max(2, side // 16) if stride is None else stride
+
     def attribute(x: Tensor, t: int) -> Tensor:
         c = x.shape[1]
         return Occlusion(model).attribute(
@@ -347,10 +362,44 @@ def transformer_attribution(model: nn.Module, image: Tensor, target: int | None 
     return _relevance("transformer_attribution", model, image, target)
 
 
-METHODS: dict[str, Callable[..., Explanation | None]] = {
-    "attention": attention_map, "rollout": rollout, "gae": gae, "transformer_attribution": transformer_attribution,
-    "grad_cam": grad_cam, "integrated_gradients": integrated_gradients, "saliency": saliency, "occlusion": occlusion,
-}
+@dataclass(frozen=True)
+class Method:
+    """One row of :data:`METHODS`. Calling it runs ``fn(model, image, target, **options)``."""
+
+    name: str
+    label: str  # what the dashboard and figures call it
+    fn: Callable[..., Explanation | None]
+    slow: bool = False  # seconds per image on a CPU even at 32 px (not drawn at once for large models)
+    takes_layer: bool = False  # ``fn`` accepts ``layer=`` (a module name)
+    needs_attention: bool = False  # None on a model without self-attention
+
+    def __call__(self, model: nn.Module, image: Tensor, target: int | None = None,
+                 **options) -> Explanation | None:
+        return self.fn(model, image, target, **options)
+
+
+#: Every explanation method, in the order the dashboard shows them.
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("attention", "Attention (received)", attention_map, takes_layer=True, needs_attention=True),
+    Method("rollout", "Attention rollout", rollout, needs_attention=True),
+    Method("gae", "GAE (gradient-weighted rollout)", gae, needs_attention=True),
+    Method("transformer_attribution", "Transformer attribution", transformer_attribution, needs_attention=True),
+    Method("grad_cam", "Grad-CAM", grad_cam, takes_layer=True),
+    Method("integrated_gradients", "Integrated gradients", integrated_gradients, slow=True),
+    Method("saliency", "Saliency", saliency),
+    Method("occlusion", "Occlusion", occlusion, slow=True),
+)}
+
+
+def method(name: str) -> Method:
+    """The row of :data:`METHODS` called ``name``; one :class:`ExplainError` line otherwise.
+
+    >>> method("grad_cam").label, method("occlusion").slow
+    ('Grad-CAM', True)
+    """
+    if name not in METHODS:
+        raise ExplainError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    return METHODS[name]
 
 
 def explain_all(model: nn.Module, image: Tensor, target: int | None = None,

@@ -16,8 +16,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from visattn.errors import VisattnError
 
-EVAL_METHODS = ("attention", "rollout", "gae", "transformer_attribution", "grad_cam", "integrated_gradients",
-                "saliency", "occlusion", "random")
+RANDOM = "random"  # the floor: a fixed random map, scored beside the methods
 
 
 def _device(model: nn.Module, like: Tensor) -> torch.device:
@@ -156,9 +155,7 @@ def sanity_check(model: nn.Module, image: Tensor, target: int | None,
     if isinstance(method, str):
         from visattn.explain import METHODS
 
-        if method not in METHODS:
-            raise VisattnError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-        explain = METHODS[method]
+        explain = METHODS[method] if method in METHODS else _unknown(method)
         if target is None:
             with torch.no_grad():
                 target = int(model(image.to(_device(model, image))).argmax(1)[0])
@@ -194,7 +191,7 @@ def sanity_flag(correlations: list[tuple[str, float]], threshold: float = 0.5) -
 
 
 def evaluate_methods(model: nn.Module, images: Tensor, targets: Tensor | list[int] | None = None,
-                     methods: tuple[str, ...] = EVAL_METHODS, steps: int = 16,
+                     methods: tuple[str, ...] | None = None, steps: int = 16,
                      baselines: tuple[str, ...] = ("blur",)) -> dict[str, dict[str, Any]]:
     """Mean deletion/insertion AUC and map time per method over a batch of images.
 
@@ -205,14 +202,18 @@ def evaluate_methods(model: nn.Module, images: Tensor, targets: Tensor | list[in
 
     Args:
         model: classifier. images: (B, 3, H, W). targets: (B,); None: predicted classes.
-        methods: names from ``visattn.explain.METHODS`` or "random". steps: as for
+        methods: names from ``visattn.explain.METHODS`` or "random"; None: all of them and
+            "random". steps: as for
             :func:`deletion_insertion`.
 
     >>> evaluate_methods(model, images, methods=("saliency", "random"))["random"].keys()
     dict_keys(['deletion_auc', 'insertion_auc', 'seconds_per_image', 'baselines'])
     """
+    from visattn.explain import METHODS
+
     if not baselines:
         raise VisattnError("at least one baseline is needed")
+    methods = (*METHODS, RANDOM) if methods is None else methods
     if targets is None:
         with torch.no_grad():
             targets = model(images.to(_device(model, images))).argmax(1)
@@ -239,9 +240,10 @@ def evaluate_methods(model: nn.Module, images: Tensor, targets: Tensor | list[in
 
 def _map_makers(model: nn.Module, images: Tensor,
                 methods: tuple[str, ...]) -> dict[str, Callable[[int, int], np.ndarray | None]]:
-    """``{label: (image index, target) -> (H, W) map or None}``; "attention" becomes one
-    entry per attention layer ("attention (layer)") when the model has more than one."""
-    from visattn.explain import METHODS, attention_layers, attention_map
+    """``{label: (image index, target) -> (H, W) map or None}``; a method that takes an
+    attention layer ("attention") becomes one entry per layer ("attention (layer)") when
+    the model has more than one."""
+    from visattn.explain import METHODS, attention_layers
 
     def of(method: Callable, **kw) -> Callable[[int, int], np.ndarray | None]:
         def make(i: int, target: int) -> np.ndarray | None:
@@ -251,15 +253,22 @@ def _map_makers(model: nn.Module, images: Tensor,
 
     makers: dict[str, Callable[[int, int], np.ndarray | None]] = {}
     for name in methods:
-        if name == "random":
+        if name == RANDOM:
             makers[name] = lambda i, _t: random_map(tuple(images.shape[-2:]), seed=i)
         elif name not in METHODS:
-            raise VisattnError(f"unknown method {name!r}; known: {', '.join((*METHODS, 'random'))}")
-        elif name == "attention" and len(layers := attention_layers(model, images[:1])) > 1:
-            makers.update({f"attention ({layer})": of(attention_map, layer=layer) for layer in layers})
+            _unknown(name)
+        elif METHODS[name].takes_layer and METHODS[name].needs_attention \
+                and len(layers := attention_layers(model, images[:1])) > 1:
+            makers.update({f"{name} ({layer})": of(METHODS[name], layer=layer) for layer in layers})
         else:
             makers[name] = of(METHODS[name])
     return makers
+
+
+def _unknown(name: str):
+    from visattn.explain import METHODS
+
+    raise VisattnError(f"unknown method {name!r}; known: {', '.join((*METHODS, RANDOM))}")
 
 
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:

@@ -10,14 +10,25 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from visattn.capture import Trace, capture
 from visattn.image_io import DECODE_SIDE, image_to_tensor, image_to_uint8_array, load_image
+from visattn.tracing import Trace, capture
 
 Source = str | os.PathLike | bytes | BinaryIO
 
 
 def input_size(meta: dict[str, Any]) -> int:
     return int(meta.get("image_size") or meta.get("config", {}).get("image_size") or 32)
+
+
+def model_inputs(images: Tensor, meta: dict[str, Any]) -> Tensor:
+    """uint8 (B, 3, S, S) -> normalised float at the model's input size."""
+    from visattn.data import normalise
+
+    x = normalise(images, tuple(meta["mean"]), tuple(meta["std"]))
+    size = input_size(meta)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x
 
 
 @dataclass

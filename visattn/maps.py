@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from visattn.capture import AttentionSite, Trace
+from visattn.tracing import AttentionSite, Trace
 
 HEAD_FUSIONS = ("mean", "max", "min")
 _CHUNK = 128  # queries per block when rows are computed on demand

@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from visattn.capture import capture
 from visattn.errors import VisattnError
+from visattn.tracing import capture
 
 
 class RelevanceError(VisattnError, ValueError):

@@ -42,7 +42,7 @@ from visattn.models import create_model
 class TrainConfig:
     model: str = "sa_cnn"
     model_config: dict[str, Any] = field(default_factory=dict)
-    data: str = "../shared/datasets/cifar10"
+    data: str | None = None  # None: visattn.paths.data()
     out: str = "checkpoints/model.safetensors"
     epochs: int = 10
     batch_size: int = 512
@@ -324,7 +324,7 @@ def _train(cfg: TrainConfig, resume: bool) -> tuple[nn.Module, dict[str, Any]]:
 
 def probe_map(model: nn.Module, split: Split, mean, std) -> list | None:
     """Head-averaged attention received per grid token for test image 0 (epoch-by-epoch view)."""
-    from visattn.capture import capture
+    from visattn.tracing import capture
 
     x = normalise(split.images[:1].to(next(model.parameters()).device), mean, std)
     sites = list(capture(model.eval(), x).attention.values())

@@ -7,18 +7,21 @@ from typing import Any
 
 from torch import nn
 
+from visattn import paths
 from visattn.checkpoint import load_checkpoint, read_metadata
 from visattn.errors import CheckpointError, VisattnError
 
-CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
-DEFAULT_CHECKPOINT = CHECKPOINT_DIR / "sa_cnn.safetensors"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def shipped_checkpoints(folder: str | os.PathLike = CHECKPOINT_DIR) -> dict[str, dict[str, Any]]:
-    """``{file name: metadata}`` of every checkpoint in ``folder``, default first."""
+def shipped_checkpoints(folder: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
+    """``{file name: metadata}`` of every checkpoint in ``folder`` (default
+    ``visattn.paths.checkpoints()``), the default checkpoint first; each metadata dict
+    also holds its ``path``. Training state files and unreadable files are skipped."""
+    folder = Path(folder) if folder is not None else paths.checkpoints()
+    default = paths.default_checkpoint()
     found = {}
-    for path in sorted(Path(folder).glob("*.safetensors"), key=lambda p: (p != DEFAULT_CHECKPOINT, p.name)):
+    for path in sorted(folder.glob("*.safetensors"), key=lambda p: (p != default, p.name)):
         if path.name.endswith(".state.safetensors"):
             continue
         try:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from visattn.capture import (
+from visattn.tracing import (
     ChannelSite, SpatialSite, attend, current_recorder, default_scale, record_extras, record_site,
 )
 

@@ -1,19 +1,12 @@
 """Learn: self-attention step by step, with the chosen model's real numbers (for a classroom)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import numpy as np
+import streamlit as st
 
-ROOT = str(Path(__file__).resolve().parents[1])
-if ROOT not in sys.path:  # run directly (tests) rather than through dashboard.py
-    sys.path.insert(0, ROOT)
-
-import numpy as np  # noqa: E402
-import streamlit as st  # noqa: E402
-
-from pages import _shared as ui  # noqa: E402
-from visattn import figures, views  # noqa: E402
-from visattn.lesson import key_name, lesson, next_layer  # noqa: E402
+from app_pages import _controls as controls, _pickers as pickers
+from visattn.app import figures, views
+from visattn.app.lesson import key_name, lesson, next_layer
 
 SHOWN = 8  # numbers of each vector shown
 
@@ -33,8 +26,8 @@ def heatmap_beside(les, values: np.ndarray, title: str, colorbar: str, fmt: str,
     returns the right-hand column, for the table that goes beside it."""
     left, right = st.columns([3, 2])
     with left:
-        ui.show_fig(figures.heatmap_figure(les.to_grid(values), title, colorbar, les.cell, st.session_state["cmap"],
-                                           height=480, text=True, fmt=fmt), key=key)
+        controls.show_fig(figures.heatmap_figure(les.to_grid(values), title, colorbar, les.cell, st.session_state["cmap"],
+                                                 height=480, text=True, fmt=fmt), key=key)
     return right
 
 
@@ -47,9 +40,9 @@ def main() -> None:
     st.latex(r"\text{Attention}(Q, K, V) = \operatorname{softmax}\!\left(\frac{Q K^\top}{\sqrt{d_k}}\right) V"
              r"\qquad\quad \text{output} = \text{input} + g \cdot \text{Attention}(Q, K, V)\,W_O")
 
-    handle = ui.require_model()
+    handle = pickers.require_model()
     left, right = st.columns([1, 1], gap="large")
-    choice, analysis = ui.image_and_analysis(handle, "learn", left)
+    choice, analysis = pickers.image_and_analysis(handle, "learn", left)
     sites = analysis.trace.attention
     if not sites:
         other = analysis.trace.channel or analysis.trace.spatial
@@ -62,8 +55,8 @@ def main() -> None:
         st.stop()
 
     with right:
-        st.markdown(ui.prediction_caption(analysis, choice))
-        layer, head = ui.layer_head_selectors(analysis.trace)
+        st.markdown(controls.prediction_caption(analysis, choice))
+        layer, head = controls.layer_head_selectors(analysis.trace)
         if head is None:
             st.caption("The steps follow one head at a time: showing head 0.")
             head = 0
@@ -78,7 +71,7 @@ def main() -> None:
     st.header("Pick a position")
     c1, c2 = st.columns([1, 1], gap="large")
     with c1:
-        yx = ui.query_picker(analysis.image, site.grid, key="learn", size=400)
+        yx = controls.query_picker(analysis.image, site.grid, key="learn", size=400)
     token = views.query_token(site, yx)
     les = lesson(site, token, head)
     where = "the extra (CLS) token" if les.cell is None else f"row {les.cell[0]}, column {les.cell[1]}"
@@ -164,14 +157,11 @@ def main() -> None:
         f"This layer uses the <b>{'cosine' if les.similarity == 'cosine' else 'dot product'}</b>.")
     c1, c2 = st.columns(2)
     with c1:
-        ui.show_fig(figures.heatmap_figure(les.to_grid(les.dot), "dot product q·k", "q·k", les.cell,
-                                           st.session_state["cmap"],
-                                           height=440), key="learn_dot")
+        controls.show_fig(figures.heatmap_figure(les.to_grid(les.dot), "dot product q·k", "q·k", les.cell,
+                                                 st.session_state["cmap"],
+                                                 height=440), key="learn_dot")
     with c2:
-        ui.show_fig(figures.heatmap_figure(les.to_grid(les.cosine), "cosine similarity cos(q, k)", "cos(q, k)",
-                                           les.cell, st.session_state["cmap"], height=440), key="learn_cos")
+        controls.show_fig(figures.heatmap_figure(les.to_grid(les.cosine), "cosine similarity cos(q, k)", "cos(q, k)",
+                                                 les.cell, st.session_state["cmap"], height=440), key="learn_cos")
     st.latex(r"q \cdot k = \sum_i q_i k_i \qquad\qquad \cos(q, k) = \frac{q \cdot k}{\lVert q \rVert\,\lVert k \rVert}")
 
-
-ui.page_start()
-ui.run(main)

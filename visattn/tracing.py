@@ -4,11 +4,17 @@ Attention modules ask :func:`current_recorder` whether anyone is watching. Nobod
 during training and plain inference, so they take the fused SDPA path. Inside
 :func:`capture` a fresh :class:`Recorder` lives in a ``contextvars.ContextVar``: each
 thread (each Streamlit session) sees only its own, so two users capturing on one cached
-model never mix their maps, and the model itself is never left instrumented.
+model never mix their maps, and no hook or recorder is left on the model.
 
 The same dispatch carries interventions: inside :func:`editing` an edit function sees every
 head output (``weights @ V``, before the output projection) and may replace it, again for
 the calling thread only (``visattn.ablation`` builds head ablation and patching on it).
+
+``nn.MultiheadAttention`` (torchvision's ViTs) computes no per-head weights when asked for
+none, so :func:`make_capturable` switches each instance's class to :class:`CapturableMHA`
+once: same parameters, state-dict keys and outputs, explicit weights only while a capture
+(or an edit) runs in the calling thread. That class switch is the one change a capture makes
+to a model.
 """
 from __future__ import annotations
 
@@ -183,16 +189,18 @@ def capture(
 ) -> Trace:
     """Run ``model`` on ``images`` and return its logits with every attention map.
 
-    Thread-safe on a shared model: nothing is attached to the model. With ``grad`` the
-    autograd graph is kept, so the logits can be differentiated with respect to the sites'
-    tensors (``torch.autograd.grad``; no parameter ``.grad`` is touched).
+    Thread-safe on a shared model: no hook or state is attached to it. The first capture of a
+    model holding ``nn.MultiheadAttention`` switches those modules' class to
+    :class:`CapturableMHA` (:func:`make_capturable`; idempotent, outputs unchanged). With
+    ``grad`` the autograd graph is kept, so the logits can be differentiated with respect to
+    the sites' tensors (``torch.autograd.grad``; no parameter ``.grad`` is touched).
 
-    >>> model = create_model("sa_cnn").eval()
+    >>> from visattn import create_model
+    >>> model = create_model("sa_cnn", widths=(8, 16, 16), heads=2).eval()
     >>> trace = capture(model, torch.randn(1, 3, 32, 32))
-    >>> {name: s.weights.shape for name, s in trace.attention.items()}
+    >>> {name: tuple(s.weights.shape) for name, s in trace.attention.items()}
+    {'stages.1.1': (1, 2, 64, 64)}
     """
-    from visattn.models.tv_vit import make_capturable
-
     make_capturable(model)
     names = {id(m): n for n, m in model.named_modules()}
     rec = Recorder(names, budget_bytes)
@@ -289,3 +297,52 @@ def record_site(site_factory, module: nn.Module, value: Tensor) -> None:
 
 def default_scale(d_k: int) -> float:
     return 1.0 / math.sqrt(d_k)
+
+
+def token_grid(n_tokens: int) -> tuple[tuple[int, int], int]:
+    """(grid, prefix) of a token sequence without a known layout: a square grid after one
+    CLS token or none, else one row.
+
+    >>> token_grid(197), token_grid(64), token_grid(12)
+    (((14, 14), 1), ((8, 8), 0), ((1, 12), 0))
+    """
+    for prefix in (1, 0):
+        side = math.isqrt(n_tokens - prefix)
+        if side * side == n_tokens - prefix:
+            return (side, side), prefix
+    return (1, n_tokens), 0
+
+
+class CapturableMHA(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose self-attention weights a capture (and head outputs an
+    edit) can see: it goes through :func:`attend` while either runs in this thread."""
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, *args, **kwargs):  # type: ignore[override]
+        plain = (
+            not observed()
+            or not (query is key is value)
+            or not self._qkv_same_embed_dim
+            or any(kwargs.get(m) is not None for m in ("key_padding_mask", "attn_mask"))
+            or len(args) > 0
+        )
+        if plain:
+            return super().forward(query, key, value, *args, **kwargs)
+        x = query if self.batch_first else query.transpose(0, 1)  # (B, L, E)
+        b, n, e = x.shape
+        qkv = nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, e // self.num_heads).permute(2, 0, 3, 1, 4)
+        grid, prefix = token_grid(n)
+        out = attend(self, q, k, v, similarity="dot", scale=default_scale(e // self.num_heads),
+                     bias=None, grid=grid, prefix=prefix)  # (B, h, L, d)
+        out = self.out_proj(out.transpose(1, 2).reshape(b, n, e))
+        record_extras(self, inputs=x, context=out)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def make_capturable(model: nn.Module) -> nn.Module:
+    """Let a capture see every ``nn.MultiheadAttention`` of ``model`` (idempotent): their
+    class becomes :class:`CapturableMHA`, nothing else changes."""
+    for m in model.modules():
+        if type(m) is nn.MultiheadAttention:
+            m.__class__ = CapturableMHA
+    return model

@@ -10,8 +10,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from visattn import plotting
-from visattn.evaluation import METHOD_LABELS
-from visattn.views import enlarge
+from visattn.app.views import enlarge
+from visattn.explain import METHODS
 
 FONT = 16  # readable on a projector
 
@@ -126,7 +126,7 @@ def sanity_figure(rho: list[tuple[str, float]], method: str):
     fig = go.Figure(go.Scatter(x=[n for n, _ in rho], y=[r for _, r in rho], mode="lines+markers",
                                marker={"size": 10}, name=method))
     fig.add_hline(y=0.5, line_dash="dash", line_color="gray", annotation_text="suspicious above 0.5")
-    fig.update_layout(title=f"{METHOD_LABELS.get(method, method)}: similarity to the original map as layers are "
+    fig.update_layout(title=f"{(METHODS[method].label if method in METHODS else method)}: similarity to the original map as layers are "
                             "randomised (output first)", yaxis={"title": "Spearman rank correlation",
                                                                "range": [-1, 1.05]},
                       xaxis={"title": "randomised down to layer"}, height=380, font={"size": FONT - 2},

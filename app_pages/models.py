@@ -2,18 +2,11 @@
 confusion matrix, its mistakes with their attention, and statistics of its heads."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import streamlit as st
 
-ROOT = str(Path(__file__).resolve().parents[1])
-if ROOT not in sys.path:  # run directly (tests) rather than through dashboard.py
-    sys.path.insert(0, ROOT)
-
-import streamlit as st  # noqa: E402
-
-from pages import _shared as ui  # noqa: E402
-from visattn import evaluation, figures, views  # noqa: E402
-from visattn import maps  # noqa: E402
+from app_pages import _controls as controls, _pickers as pickers, _state as state
+from visattn import maps, paths
+from visattn.app import evaluation, figures, views
 
 HEAD_STAT_IMAGES = 64
 MAX_SHOWN = 12
@@ -48,16 +41,16 @@ def main() -> None:
     else:
         st.info("No checkpoint yet in checkpoints/ or runs/. The default model appears after its first training epoch.")
 
-    handle = ui.require_model()
+    handle = pickers.require_model()
     st.header(f"On the test set: {handle.label}")
-    path = views.data_path()
+    path = paths.data()
     if not views.data_available(path):
         st.info(f"The test set is not available at {path}, so accuracy, the confusion matrix and head statistics "
                 "cannot be computed here. Set VISATTN_DATA to an image-folder data set with a test/ split.")
         st.stop()
     split = None
-    with ui.guard("the test set"):
-        split = ui.test_split_or_none()
+    with state.guard("the test set"):
+        split = pickers.test_split_or_none()
     if split is None:
         st.stop()
     if len(handle.meta.get("classes", [])) != len(split.classes):
@@ -68,7 +61,7 @@ def main() -> None:
     n = st.slider("Test images to evaluate", 100, len(split), min(1000, len(split)), step=100, key="eval_n",
                   help="A fixed random sample; each size is computed once.")
     result = None
-    with ui.guard("the evaluation"), st.spinner(f"Classifying {n} test images…"):
+    with state.guard("the evaluation"), st.spinner(f"Classifying {n} test images…"):
         result = evaluate(handle.key, str(path), n, handle.model, handle.meta, split)
     if result is None:
         st.stop()
@@ -76,9 +69,9 @@ def main() -> None:
     st.metric("Accuracy on this sample", f"{float(result['accuracy']):.1%}", help=f"{n} test images")
     c1, c2 = st.columns([2, 3])
     with c1:
-        ui.show_fig(figures.per_class_figure(result["per_class"], classes), key="models_per_class")
+        controls.show_fig(figures.per_class_figure(result["per_class"], classes), key="models_per_class")
     with c2:
-        ui.show_fig(figures.confusion_figure(result["confusion"], classes), key="models_confusion")
+        controls.show_fig(figures.confusion_figure(result["confusion"], classes), key="models_confusion")
 
     st.header("Look at the mistakes")
     conf = result["confusion"].copy()
@@ -94,14 +87,14 @@ def main() -> None:
     kind = "correct" if true == pred else "misclassified"
     st.caption(f"{len(indices)} {kind} images in the sample (true {classes[true]}, predicted {classes[pred]}); "
                f"showing up to {MAX_SHOWN}, each with the map the model attends to.")
-    alpha, cmap = ui.look_controls()
+    alpha, cmap = controls.look_controls()
     if len(indices):
         cols = st.columns(6)
         with st.spinner("Analysing the images…"):
             for j, idx in enumerate(indices[:MAX_SHOWN]):
                 data = views.sample_png(split, int(idx))
-                choice = ui.ImageChoice(data, views.sha256(data), f"test image {idx}", true, classes[true])
-                analysis = ui.analysis_for(handle, choice)
+                choice = pickers.ImageChoice(data, views.sha256(data), f"test image {idx}", true, classes[true])
+                analysis = pickers.analysis_for(handle, choice)
                 if analysis is None:
                     continue
                 shown = views.thumbnail_map(analysis.trace)
@@ -114,7 +107,7 @@ def main() -> None:
                               caption=f"#{idx} · p({classes[pred]})={analysis.probs[pred]:.0%} · {what}")
 
     st.header("What do the heads do?")
-    with ui.guard("the head statistics"), st.spinner(f"Capturing attention on {HEAD_STAT_IMAGES} test images…"):
+    with state.guard("the head statistics"), st.spinner(f"Capturing attention on {HEAD_STAT_IMAGES} test images…"):
         stats = head_stats(handle.key, str(path), HEAD_STAT_IMAGES, handle.model, handle.meta, split)
         if not stats:
             st.info("This model has no self-attention layers, so there are no heads to measure."
@@ -125,8 +118,5 @@ def main() -> None:
                         "places, high (up to the dashed line) when it spreads its attention evenly. **Mean attention "
                         "distance** is how far, in input pixels, a head looks from each query: local heads stay near, "
                         "global heads look across the image.")
-            ui.show_fig(figures.head_stats_figure(stats), key="models_heads")
+            controls.show_fig(figures.head_stats_figure(stats), key="models_heads")
 
-
-ui.page_start()
-ui.run(main)

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from visattn.capture import AttentionSite, Trace
+from visattn.app.views import token_cell
 from visattn.errors import VisattnError
-from visattn.views import token_cell
+from visattn.tracing import AttentionSite, Trace
 
 
 @dataclass

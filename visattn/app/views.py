@@ -1,6 +1,6 @@
 """Image-and-query view helpers of the dashboard (no Streamlit import here).
 
-Where the data set and the checkpoints live; image bytes; query positions (a click, a
+The data set and the checkpoints on offer; image bytes; query positions (a click, a
 pixel, a token of a layer's grid); the enlarged and shrunk images drawn on the pages;
 the maps of the Explore page, and all of them at once for an ``.npz`` download.
 """
@@ -16,26 +16,17 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from visattn.capture import AttentionSite, Trace
+from visattn import paths
 from visattn.errors import VisattnError
+from visattn.tracing import AttentionSite, Trace
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = "../shared/datasets/cifar10"
 COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "jet", "coolwarm", "gray")
 
 
 # ----------------------------------------------------------------------------- data and files
-def data_path() -> Path:
-    """The image-folder data set: ``$VISATTN_DATA`` or ``../shared/datasets/cifar10``,
-    a relative path being taken from the repository root (not the working directory)."""
-    raw = os.environ.get("VISATTN_DATA") or DEFAULT_DATA
-    path = Path(raw).expanduser()
-    return path if path.is_absolute() else (REPO_ROOT / path).resolve()
-
-
 def data_available(path: str | os.PathLike | None = None) -> bool:
-    """Whether the test split can be read from ``path`` (default :func:`data_path`)."""
-    path = Path(path) if path is not None else data_path()
+    """Whether the test split can be read from ``path`` (default ``visattn.paths.data()``)."""
+    path = Path(path) if path is not None else paths.data()
     return (path / "test").is_dir() or (path.is_dir() and any(p.is_dir() for p in path.iterdir()))
 
 
@@ -43,7 +34,7 @@ def load_test_split(path: str | os.PathLike | None = None):
     """The test split (cached by ``visattn.data``); VisattnError when the folder is absent."""
     from visattn.data import load_split
 
-    path = Path(path) if path is not None else data_path()
+    path = Path(path) if path is not None else paths.data()
     if not data_available(path):
         raise VisattnError(f"test set not found at {path} (set VISATTN_DATA to an image-folder data set)")
     return load_split(str(path), "test")
@@ -75,13 +66,12 @@ def checkpoint_key(path: str | os.PathLike) -> str:
 def list_checkpoints() -> dict[str, dict[str, Any]]:
     """``{label: metadata}`` of the shipped checkpoints, then finished runs in ``runs/``.
 
-    Labels are paths relative to the repository root ("checkpoints/sa_cnn.safetensors").
+    Labels are the folder's name and the file's ("checkpoints/sa_cnn.safetensors").
     """
-    from visattn.runs import RUNS_DIR  # read at call time (tests point it elsewhere)
-    from visattn.zoo import CHECKPOINT_DIR, shipped_checkpoints
+    from visattn.zoo import shipped_checkpoints
 
     out: dict[str, dict[str, Any]] = {}
-    for folder in (CHECKPOINT_DIR, RUNS_DIR):
+    for folder in (paths.checkpoints(), paths.runs()):
         if not folder.is_dir():
             continue
         for name, meta in shipped_checkpoints(folder).items():

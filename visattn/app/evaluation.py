@@ -9,25 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from visattn.capture import capture
 from visattn.errors import VisattnError
+from visattn.inference import input_size, model_inputs
+from visattn.tracing import capture
 
 
 # ----------------------------------------------------------------------------- Models page
-def model_inputs(images: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
-    """uint8 (B, 3, S, S) -> normalised float at the model's input size."""
-    from visattn.data import normalise
-    from visattn.inference import input_size
-
-    x = normalise(images, tuple(meta["mean"]), tuple(meta["std"]))
-    size = input_size(meta)
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x
-
-
 @torch.no_grad()
 def evaluate_sample(model: nn.Module, meta: dict[str, Any], split, n: int = 1000, seed: int = 0,
                     batch_size: int = 250) -> dict[str, np.ndarray]:
@@ -70,7 +58,6 @@ def head_statistics(model: nn.Module, meta: dict[str, Any], images: torch.Tensor
                     batch_size: int = 32) -> dict[str, dict[str, np.ndarray]]:
     """Per-head entropy (nats) and mean attention distance (input pixels), by layer,
     averaged over ``images`` (uint8 (B, 3, S, S)). Empty for a model without attention."""
-    from visattn.inference import input_size
     from visattn.maps import head_entropy, mean_attention_distance
 
     size = input_size(meta)
@@ -97,13 +84,6 @@ def head_statistics(model: nn.Module, meta: dict[str, Any], images: torch.Tensor
 
 
 # ----------------------------------------------------------------------------- Compare page
-METHOD_LABELS = {
-    "attention": "Attention (received)", "rollout": "Attention rollout", "grad_cam": "Grad-CAM",
-    "integrated_gradients": "Integrated gradients", "saliency": "Saliency", "occlusion": "Occlusion",
-}
-
-
-SLOW_METHODS = ("integrated_gradients", "occlusion")
 HEAVY_PARAMS = 20_000_000
 HEAVY_SIDE = 96
 
@@ -111,26 +91,18 @@ HEAVY_SIDE = 96
 def is_heavy(model: nn.Module, meta: dict[str, Any]) -> bool:
     """Whether integrated gradients, occlusion and deletion/insertion take minutes on a CPU
     (a ViT-B/16 at 224 px does; the CIFAR models at 32 px take seconds)."""
-    from visattn.inference import input_size
-
     on_cpu = next(model.parameters()).device.type == "cpu"
     return on_cpu and (sum(p.numel() for p in model.parameters()) > HEAVY_PARAMS or input_size(meta) > HEAVY_SIDE)
 
 
 def explain_one(model: nn.Module, tensor: torch.Tensor, method: str, target: int, layer: str | None = None):
-    """One ``visattn.explain`` method (``layer``: Grad-CAM's, or the attention site's for
-    "attention"); None when it does not apply
-    (attention maps of a model without attention)."""
-    from visattn.explain import METHODS as fns
+    """One ``visattn.explain.METHODS`` method, given ``layer`` when it takes one (Grad-CAM's
+    layer, the attention site's); None when it does not apply (attention maps of a model
+    without attention)."""
+    from visattn.explain import method as method_row
 
-    if method not in fns:
-        raise VisattnError(f"unknown method {method!r}; known: {', '.join(fns)}")
-    if method in ("grad_cam", "attention"):
-        return fns[method](model, tensor, target, layer=layer)
-    if method == "occlusion":  # the patch grows with the image: about 15×15 positions whatever the size
-        side = int(tensor.shape[-1])
-        return fns[method](model, tensor, target, window=max(4, side // 8), stride=max(2, side // 16))
-    return fns[method](model, tensor, target)
+    row = method_row(method)
+    return row(model, tensor, target, layer=layer) if row.takes_layer else row(model, tensor, target)
 
 
 def faithfulness_for(model: nn.Module, tensor: torch.Tensor, maps: dict[str, np.ndarray], target: int,

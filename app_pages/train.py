@@ -1,21 +1,17 @@
 """Train: start a small training run in the background and watch it learn, epoch by epoch."""
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-ROOT = str(Path(__file__).resolve().parents[1])
-if ROOT not in sys.path:  # run directly (tests) rather than through dashboard.py
-    sys.path.insert(0, ROOT)
+import numpy as np
+import streamlit as st
 
-import numpy as np  # noqa: E402
-import streamlit as st  # noqa: E402
-
-from pages import _shared as ui  # noqa: E402
-from visattn import figures, runs, views  # noqa: E402
-from visattn.errors import VisattnError  # noqa: E402
-from visattn.models.attention import POS_ENCODINGS, SIMILARITIES  # noqa: E402
+from app_pages import _controls as controls, _state as state
+from visattn import paths
+from visattn.app import figures, runs, views
+from visattn.errors import VisattnError
+from visattn.models.attention import POS_ENCODINGS, SIMILARITIES
 
 
 def main() -> None:
@@ -24,7 +20,7 @@ def main() -> None:
                 "and see its attention sharpen epoch by epoch. Finished checkpoints land in runs/ and appear in the "
                 "sidebar's model picker.")
 
-    path = views.data_path()
+    path = paths.data()
     have_data = views.data_available(path)
     if not have_data:
         st.info(f"The data set is not available at {path}: training needs it (set VISATTN_DATA to an image-folder "
@@ -49,7 +45,7 @@ def main() -> None:
                              help="letters, digits, - and _; the run writes runs/NAME.safetensors")
         submitted = st.form_submit_button("Start training", type="primary", disabled=not have_data)
     if submitted:
-        with ui.guard("starting the run"):
+        with state.guard("starting the run"):
             if subset and subset < 512:
                 raise VisattnError("at least 512 training images (one batch), or 0 for all")
             argv = runs.train_argv(name.strip(), model, int(epochs), int(width), int(heads), similarity, pos,
@@ -66,7 +62,7 @@ def main() -> None:
             c1, c2 = st.columns([3, 1], vertical_alignment="center")
             c1.markdown(f"**{run_name}** · process {pid}")
             if c2.button("Stop", key=f"stop_{run_name}", help="terminate the run (its last finished epoch is kept)"):
-                with ui.guard("stopping the run"):
+                with state.guard("stopping the run"):
                     runs.stop_training(run_name)
                     st.rerun()
 
@@ -82,8 +78,8 @@ def main() -> None:
         del st.session_state["train_pending"]
     elif pending:
         st.info(f"{pending} is loading the data set; its curves appear here as soon as it writes its first numbers.")
-    label = ui.persistent(st.selectbox, "Run", "train_monitor", options=list(files),
-                          help="runs/ holds runs started here; checkpoints/ the shipped models' training")
+    label = state.persistent(st.selectbox, "Run", "train_monitor", options=list(files),
+                             help="runs/ holds runs started here; checkpoints/ the shipped models' training")
     fresh = time.time() - files[label].stat().st_mtime < 120  # written in the last two minutes: probably training
     live = st.toggle("Live update every 2 s", value=bool(running) or fresh or bool(pending), key=f"train_live_{label}")
 
@@ -94,7 +90,7 @@ def main() -> None:
             st.rerun(scope="app")  # a run ended: refresh the Stop buttons and the sidebar's checkpoints
         if pending and pending not in files and pending in runs.metric_files():
             st.rerun(scope="app")  # the new run wrote its first metrics: switch to it
-        with ui.guard("the run monitor"):
+        with state.guard("the run monitor"):
             show_run(files[label])
 
 
@@ -113,7 +109,7 @@ def main() -> None:
             c[1].metric("Train accuracy", f"{last.get('train_acc', 0):.1%}")
             c[2].metric("Test accuracy", f"{epochs_done[-1]['test_acc']:.1%}" if epochs_done else "after epoch 1")
             c[3].metric("Speed", f"{last.get('img_per_s', 0):.0f} img/s")
-            ui.show_fig(figures.curves_figure(steps, epochs_done), key="train_curves")
+            controls.show_fig(figures.curves_figure(steps, epochs_done), key="train_curves")
         probes = [(e["epoch"], e["probe"]) for e in epochs_done if e.get("probe")]
         if probes:
             st.subheader("Its attention, epoch by epoch")
@@ -125,12 +121,12 @@ def main() -> None:
             probe = np.asarray(dict(probes)[chosen], dtype=np.float32)
             c1, _ = st.columns([1, 1])
             with c1:
-                ui.show_fig(figures.heatmap_figure(probe, f"epoch {chosen}", "attention received", None,
-                                                   st.session_state["cmap"], height=420), key="train_probe")
+                controls.show_fig(figures.heatmap_figure(probe, f"epoch {chosen}", "attention received", None,
+                                                         st.session_state["cmap"], height=420), key="train_probe")
         elif epochs_done:
             st.caption("This model has no self-attention, so there is no attention map to follow.")
         stem = metrics.name.removesuffix(".metrics.jsonl")
-        text = runs.tail(metrics.with_name(stem + ".log")) or runs.tail(runs.RUNS_DIR / f"{stem}.log")
+        text = runs.tail(metrics.with_name(stem + ".log")) or runs.tail(paths.runs() / f"{stem}.log")
         if text:
             with st.expander("Log (last lines)"):
                 st.code(text, language=None)
@@ -138,6 +134,3 @@ def main() -> None:
 
     monitor()
 
-
-ui.page_start()
-ui.run(main)

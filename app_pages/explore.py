@@ -1,18 +1,11 @@
 """Explore: click a point of the image; see where every layer and head looks from there."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import streamlit as st
 
-ROOT = str(Path(__file__).resolve().parents[1])
-if ROOT not in sys.path:  # run directly (tests) rather than through dashboard.py
-    sys.path.insert(0, ROOT)
-
-import streamlit as st  # noqa: E402
-
-from pages import _shared as ui  # noqa: E402
-from visattn import figures, views  # noqa: E402
-from visattn import maps, panels, plotting  # noqa: E402
+from app_pages import _controls as controls, _pickers as pickers, _state as state
+from visattn import maps, panels, plotting
+from visattn.app import figures, views
 
 
 GRID_LAYERS = 4  # layers drawn by default: each adds a row of panels
@@ -64,21 +57,21 @@ def query_free_overlays(model_key: str, image_sha: str, alpha: float, cmap: str,
 
 def main() -> None:
     st.title("Explore: what does each attention head look at?")
-    handle = ui.require_model()
+    handle = pickers.require_model()
 
     left, right = st.columns([1, 1], gap="large")
-    choice, analysis = ui.image_and_analysis(handle, "explore", left)
+    choice, analysis = pickers.image_and_analysis(handle, "explore", left)
     trace = analysis.trace
     sites = trace.attention
     layer_now = st.session_state.get("layer") if st.session_state.get("layer") in sites else next(iter(sites), None)
 
     with left:
         st.markdown("**Click the image** to choose the query point (the cyan cross).")
-        yx = ui.query_picker(analysis.image, sites[layer_now].grid if layer_now else None, key="explore")
+        yx = controls.query_picker(analysis.image, sites[layer_now].grid if layer_now else None, key="explore")
     with right:
-        st.markdown(ui.prediction_caption(analysis, choice))
-        ui.show_fig(topk_figure(handle.key, choice.sha, analysis), key="explore_topk")
-        alpha, cmap = ui.look_controls()
+        st.markdown(controls.prediction_caption(analysis, choice))
+        controls.show_fig(topk_figure(handle.key, choice.sha, analysis), key="explore_topk")
+        alpha, cmap = controls.look_controls()
 
     if not sites:
         st.info("This model has no self-attention layers, so there is no query to follow. "
@@ -93,7 +86,7 @@ def main() -> None:
             spread = [names[round(i * (len(names) - 1) / (GRID_LAYERS - 1))] for i in range(GRID_LAYERS)]
             shown = st.multiselect("Layers in the grid", names, default=spread, key=f"grid_layers_{handle.key}",
                                    help="Each extra layer adds a row of panels and takes longer to draw.") or spread
-        with ui.guard("the overlay grid"), st.spinner("Drawing the overlays…"):
+        with state.guard("the overlay grid"), st.spinner("Drawing the overlays…"):
             jpeg = grid_jpeg(handle.key, choice.sha, tuple(yx), alpha, cmap, tuple(shown), analysis)
             st.image(jpeg, caption="Rows: attention layers. Columns: heads, then their mean. One shared colour scale "
                                   "(attention weight); the cyan + marks the query.", output_format="JPEG")
@@ -106,9 +99,9 @@ def main() -> None:
                                file_name="attention_maps.npz", mime="application/octet-stream", key="dl_npz")
 
         st.header("One layer, one head: how the scores are made")
-        layer, head = ui.layer_head_selectors(trace)
+        layer, head = controls.layer_head_selectors(trace)
         site = sites[layer]
-        with ui.guard("the similarity maps"):
+        with state.guard("the similarity maps"):
             sim = views.similarity_maps(site, yx, head)
             st.caption(f"Layer **{layer}** ({site.grid[0]}×{site.grid[1]} grid, {site.heads} heads, "
                        f"{site.similarity} similarity), {'mean of heads' if head is None else f'head {head}'}: "
@@ -118,13 +111,13 @@ def main() -> None:
                          help="Plotly charts: slower to redraw on every click."):
                 fig = plotting.similarity_figure(views.shrink(analysis.image, 128), sim, yx, cmap)
                 fig.update_layout(height=380, font={"size": 14})
-                ui.show_fig(fig, key="explore_similarity")
+                controls.show_fig(fig, key="explore_similarity")
             else:
                 st.image(panels.to_jpeg(panels.heatmap_panels(analysis.image, sim, plotting.SIMILARITY_LABELS, yx,
                                                              cmap, size=200)), output_format="JPEG")
 
         st.header("Averaged over heads, and rolled out through the layers")
-        with ui.guard("the averaged maps"):
+        with state.guard("the averaged maps"):
             averaged = [("this query, mean of heads", overlay_jpeg(analysis.image, sim["attention"], alpha, cmap))]
             averaged += query_free_overlays(handle.key, choice.sha, alpha, cmap, analysis)
             cols = st.columns(max(4, len(averaged)))
@@ -134,10 +127,10 @@ def main() -> None:
 
     if trace.channel or trace.spatial:
         st.header("Channel (SE) and spatial (CBAM) attention")
-        with ui.guard("the SE/CBAM maps"):
+        with state.guard("the SE/CBAM maps"):
             for name, site in trace.channel.items():
-                ui.show_fig(plotting.channel_bar_figure(site.weights[0].float().cpu().numpy(),
-                                                        f"SE channel weights · {name}"), key=f"se_{name}")
+                controls.show_fig(plotting.channel_bar_figure(site.weights[0].float().cpu().numpy(),
+                                                              f"SE channel weights · {name}"), key=f"se_{name}")
             if trace.spatial:
                 cols = st.columns(len(trace.spatial))
                 for col, (name, site) in zip(cols, trace.spatial.items()):
@@ -145,6 +138,3 @@ def main() -> None:
                     col.image(figures.overlay_large(analysis.image, m, alpha, cmap, vmin=0.0, vmax=1.0),
                               caption=f"CBAM spatial map · {name} (0 = suppressed, 1 = kept)", width="stretch")
 
-
-ui.page_start()
-ui.run(main)

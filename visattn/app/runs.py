@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from visattn import paths
 from visattn.errors import VisattnError
-from visattn.views import REPO_ROOT, data_path
 
-RUNS_DIR = REPO_ROOT / "runs"
 TRAIN_MODELS = ("sa_cnn", "hybrid_vit", "cbam_cnn", "seed_cnn")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,47}")
 MAX_EPOCHS = 50
@@ -52,7 +51,7 @@ def train_argv(name: str, model: str = "sa_cnn", epochs: int = 2, width: int = 3
     if model in ("sa_cnn", "hybrid_vit") and (4 * width if model == "hybrid_vit" else 2 * width) % heads:
         raise VisattnError(f"{heads} heads do not divide the attention width")
     argv = [python, "-m", "visattn", "train", "--model", model, "--epochs", str(int(epochs)),
-            "--out", str(RUNS_DIR / f"{name}.safetensors"), "--data", str(data or data_path())]
+            "--out", str(paths.runs() / f"{name}.safetensors"), "--data", str(data or paths.data())]
     if subset:
         argv += ["--subset", str(int(subset))]
     if eval_subset:
@@ -65,10 +64,10 @@ def train_argv(name: str, model: str = "sa_cnn", epochs: int = 2, width: int = 3
 
 def run_files(name: str) -> dict[str, Path]:
     """``out``, ``metrics``, ``state`` and ``log`` paths of run ``name`` in ``runs/``."""
-    from visattn.train import paths
+    from visattn.train import paths as train_paths
 
-    p = paths(str(RUNS_DIR / f"{name}.safetensors"))
-    return {**p, "log": RUNS_DIR / f"{name}.log"}
+    p = train_paths(str(paths.runs() / f"{name}.safetensors"))
+    return {**p, "log": paths.runs() / f"{name}.log"}
 
 
 def running() -> dict[str, int]:
@@ -82,8 +81,8 @@ def running() -> dict[str, int]:
     from visattn.train import lock_holder
 
     found: dict[str, int] = {}
-    if RUNS_DIR.is_dir():
-        for lock in RUNS_DIR.glob("*" + _LOCK_SUFFIX):
+    if paths.runs().is_dir():
+        for lock in paths.runs().glob("*" + _LOCK_SUFFIX):
             pid = lock_holder(lock.with_name(lock.name.removesuffix(".lock")))
             if pid is not None:
                 found[lock.name.removesuffix(_LOCK_SUFFIX)] = pid
@@ -113,10 +112,11 @@ def start_training(name: str, argv: Sequence[str]) -> subprocess.Popen:
             raise VisattnError(f"{len(alive)} run(s) already going ({', '.join(alive)}); stop it first")
         files = run_files(name)
         files["log"].parent.mkdir(parents=True, exist_ok=True)
-        paths = [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}  # visattn importable from the repo
+        root = paths.root()
+        path_list = [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path_list)}  # visattn importable from the repo
         with open(files["log"], "wb") as log:
-            proc = subprocess.Popen(list(argv), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(list(argv), cwd=root, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         _STARTED[name] = proc
         return proc
@@ -155,9 +155,7 @@ def stop_training(name: str, grace: float = 5.0) -> bool:
 
 def metric_files() -> dict[str, Path]:
     """``{label: path}`` of every ``*.metrics.jsonl`` in ``runs/`` and ``checkpoints/``, newest first."""
-    from visattn.zoo import CHECKPOINT_DIR
-
-    found = [p for folder in (RUNS_DIR, CHECKPOINT_DIR) if folder.is_dir() for p in folder.glob("*.metrics.jsonl")]
+    found = [p for folder in (paths.runs(), paths.checkpoints()) if folder.is_dir() for p in folder.glob("*.metrics.jsonl")]
     found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     return {f"{p.parent.name}/{p.name.removesuffix('.metrics.jsonl')}": p for p in found}
 

@@ -1,0 +1,94 @@
+"""Session state and error handling of the dashboard pages (Streamlit).
+
+* :func:`init_state` sets every session-state key once (``DEFAULTS``).
+* :func:`persistent`: a widget editing a key that outlives page switches. Those keys
+  (``query_yx``, ``alpha``, ``cmap``, ``layer``, ``head``, ...) are plain keys; the widgets
+  that edit them use a shadow key ``_w_<name>``, because Streamlit drops the state of
+  widgets that a page does not draw.
+* :func:`guard` and :func:`run`: every error becomes one ``st.error`` line; never a traceback.
+
+Testing: ``st.session_state["query_yx"] = (y, x)`` (relative, in [0, 1)) sets the query
+point as a click would.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable, Iterator
+
+import streamlit as st
+
+from visattn.errors import VisattnError
+
+log = logging.getLogger("visattn.dashboard")
+
+MEAN_OF_HEADS = "mean of heads"
+IMAGE_SOURCES = ("Test-set sample", "Upload an image")
+
+DEFAULTS: dict[str, Any] = {
+    "model_handle": None,  # ModelHandle of the sidebar's choice (None: no model yet)
+    "image_source": IMAGE_SOURCES[0],
+    "sample_index": 0,
+    "uploaded_image": None,  # ImageChoice of the last good or bad upload, kept across pages
+    "query_yx": (0.5, 0.5),  # relative (y, x) of the query point
+    "alpha": 0.5,
+    "cmap": "inferno",
+    "layer": None,
+    "head": MEAN_OF_HEADS,
+    "target": -1,  # Compare: class index explained (-1: the predicted class)
+    "cam_layer": None,
+    "train_monitor": None,  # Train: metrics file label shown
+}
+
+
+def init_state() -> None:
+    """Set every key of :data:`DEFAULTS` that is not set yet (idempotent, every run)."""
+    for key, value in DEFAULTS.items():
+        if key not in st.session_state:
+            st.session_state[key] = value
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def guard(what: str = "") -> Iterator[None]:
+    """Show a VisattnError as one ``st.error`` line; anything unexpected likewise, with the
+    traceback going to the server log only. Streamlit's rerun/stop pass through."""
+    try:
+        yield
+    except VisattnError as e:
+        st.error(one_line(e))
+    except Exception as e:  # a bug: keep the page alive, log the details for engineers
+        log.exception("dashboard error%s", f" in {what}" if what else "")
+        st.error(f"Something went wrong{f' in {what}' if what else ''}: {type(e).__name__}: {one_line(e)}")
+
+
+def run(page: Callable[[], None]) -> None:
+    """Run a page body under :func:`guard`: whatever escapes it is one ``st.error`` line."""
+    with guard("this page"):
+        page()
+
+
+def persistent(widget: Callable[..., Any], label: str, key: str, *args: Any,
+               options: list | None = None, **kwargs: Any) -> Any:
+    """Draw ``widget`` editing ``st.session_state[key]``, which survives page switches.
+
+    The widget uses the shadow key ``_w_<key>``; for choice widgets (``options`` given) a
+    stored value no longer among the options falls back to the first option.
+    """
+    wkey = f"_w_{key}"
+    value = st.session_state.get(key)
+    if options is not None:
+        if value not in options:
+            value = options[0] if options else None
+            st.session_state[key] = value
+        args = (options, *args)
+    st.session_state[wkey] = value
+
+    def copy() -> None:
+        st.session_state[key] = st.session_state[wkey]
+
+    return widget(label, *args, key=wkey, on_change=copy, **kwargs)
