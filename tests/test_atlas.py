@@ -2,6 +2,7 @@
 (one process and two torchrun processes), the cache."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -164,7 +165,7 @@ def test_build_atlas_is_cached_by_model_data_and_parameters(tmp_path: Path, one_
         assert -1.0 <= hm.corr <= 1.0
     assert a.info["sampled"] == {n: 64 for n in a.layers} and set(a.indices) <= set(range(12))
     b = atlas.build_atlas(model, META, split, n=8, max_tokens=64, method="pca", cache=tmp_path)  # from the cache
-    assert b.info == a.info and all(np.array_equal(x.xy, y.xy) for x, y in zip(a.heads, b.heads))
+    assert b.info.pop("from_cache") == str(files[0]) and b.info == a.info and all(np.array_equal(x.xy, y.xy) for x, y in zip(a.heads, b.heads))
     assert np.array_equal(b.images, split.images[torch.as_tensor(b.indices)].numpy())
     atlas.build_atlas(model, META, split, n=8, max_tokens=32, method="pca", cache=tmp_path)  # other parameters
     with torch.no_grad():
@@ -177,8 +178,11 @@ def test_build_atlas_checks_its_arguments(tmp_path: Path) -> None:
     model, split = tiny_model(), small_split()
     with pytest.raises(VisattnError, match="unknown embedding"):
         atlas.build_atlas(model, META, split, n=4, method="mds", cache=tmp_path)
-    with pytest.raises(VisattnError, match="not in this model"):
-        atlas.build_atlas(model, META, split, n=4, max_tokens=16, method="pca", only=[("nope", 0)], cache=tmp_path)
+    with pytest.raises(VisattnError, match="no attention layer 'nope'; this model's: stages.0.1, stages.1.1"):
+        atlas.build_atlas(model, META, split, n=4, max_tokens=16, method="pca", layer="nope", cache=tmp_path)
+    with pytest.raises(VisattnError, match="heads 0..1, not 2"):
+        atlas.build_atlas(model, META, split, n=4, max_tokens=16, method="pca", layer="stages.1.1", head=2,
+                          cache=tmp_path)
     assert not list(tmp_path.rglob("*.safetensors"))
 
 
@@ -191,3 +195,79 @@ def test_umap_keeps_planted_clusters_of_queries_and_keys_apart() -> None:
     qn, kn = atlas.normalise_qk(q, k)
     xy = atlas.embed(torch.cat([qn, kn]).numpy(), "umap")
     assert atlas.qk_correlation(qn, kn, xy[:400], xy[400:]) > 0.8
+
+
+# ----------------------------------------------------------------------------- the command line
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint of a tiny two-layer sa_cnn, ImageFolder data set of 12 images in 3 classes)."""
+    from PIL import Image
+
+    from visattn.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("atlas_cli")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", "c"):
+        (root / "data" / "test" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "data" / "test" / c / f"{i}.png")
+    torch.manual_seed(0)
+    ckpt = root / "tiny.safetensors"
+    save_checkpoint(ckpt, tiny_model(), classes=["a", "b", "c"], mean=[0.5] * 3, std=[0.25] * 3, accuracy=0.3, epochs=0)
+    return ckpt, root / "data"
+
+
+def test_cli_json_png_and_html(tiny_files, tmp_path: Path, capsys, one_thread) -> None:
+    from PIL import Image
+
+    from visattn.cli import main
+
+    ckpt, data = tiny_files
+    base = ["atlas", str(ckpt), "--data", str(data), "--n", "10", "--max-tokens", "60", "--method", "pca",
+            "--cache", str(tmp_path / "cache")]
+    assert main([*base, "--json", "--out", str(tmp_path / "atlas.png"), "--colour", "class"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(r["layer"], r["head"]) for r in report["heads"]] == [("stages.0.1", 0), ("stages.0.1", 1),
+                                                                 ("stages.1.1", 0), ("stages.1.1", 1)]
+    assert all(-1 <= r["corr"] <= 1 and r["points"] == 120 for r in report["heads"])
+    assert report["info"]["sampled"] == {"stages.0.1": 60, "stages.1.1": 60}
+    assert report["info"]["all_tokens"] == {"stages.0.1": 10 * 256, "stages.1.1": 10 * 64}
+    assert "60 of 2,560 tokens (random sample)" in report["description"]
+    assert Image.open(tmp_path / "atlas.png").size[0] > 500
+    # the same atlas again, from the cache, one head, as a self-contained page
+    assert main([*base, "--layer", "stages.1.1", "--head", "1", "--out", str(tmp_path / "atlas.html")]) == 0
+    out = capsys.readouterr().out
+    assert "stages.1.1 head 1: corr" in out and "stages.0.1" not in out.split("\n", 1)[1]
+    html = (tmp_path / "atlas.html").read_text()
+    assert "<script src=\"http" not in html and "Plotly.newPlot" in html
+
+
+def test_cli_bad_layer_one_line_no_file(tiny_files, tmp_path: Path) -> None:
+    ckpt, data = tiny_files
+    out = tmp_path / "atlas.png"
+    r = subprocess.run([sys.executable, "-m", "visattn", "atlas", str(ckpt), "--data", str(data), "--n", "4",
+                        "--method", "pca", "--layer", "stages.9", "--out", str(out), "--cache", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "error: no attention layer 'stages.9'; this model's: stages.0.1, stages.1.1"
+    assert not out.exists()
+
+
+def test_cli_under_torchrun_writes_the_single_process_atlas(tiny_files, tmp_path: Path, one_thread) -> None:
+    ckpt, data = tiny_files
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["atlas", str(ckpt), "--data", str(data), "--images", "12", "--max-tokens", "100", "--method", "pca",
+            "--json"]
+    single = subprocess.run([sys.executable, "-m", "visattn", *args, "--cache", str(tmp_path / "one")], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_free_port()), "-m", "visattn", *args, "--cache",
+                          str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    a, b = json.loads(single.stdout), json.loads(two.stdout)
+    assert b["info"]["processes"] == 2 and a["info"]["processes"] == 1
+    assert a["heads"] == b["heads"]
+    one, = (tmp_path / "one" / "atlas").glob("*.safetensors")
+    shared, = (tmp_path / "two" / "atlas").glob("*.safetensors")
+    x, y = atlas.load_atlas(one), atlas.load_atlas(shared)
+    assert one.name == shared.name and all(np.array_equal(h.xy, g.xy) for h, g in zip(x.heads, y.heads))

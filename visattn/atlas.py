@@ -131,15 +131,35 @@ def extract(model: nn.Module, images: Tensor, *, max_tokens: int = DEFAULT_MAX_T
     for name in gathered[0][1]:
         cat = {key: torch.cat([p[1][name][key] for p in gathered]) for key in ("q", "k", "image", "token")}
         site = info.get(name)
-        grid, prefix, sim = (site.grid, site.prefix, site.similarity) if site is not None else _site_shape(model, images)[name]
+        grid, prefix, sim = (site.grid, site.prefix, site.similarity) if site is not None else \
+            _site_shape(model, images)[name][:3]
         layers[name] = LayerTokens(name, cat["q"], cat["k"], cat["image"], cat["token"], tuple(grid), prefix, sim)
     return layers
 
 
-def _site_shape(model: nn.Module, images: Tensor) -> dict[str, tuple[tuple[int, int], int, str]]:
-    """(grid, prefix, similarity) per layer, for a process that ran no batch (more processes than batches)."""
+def _site_shape(model: nn.Module, images: Tensor) -> dict[str, tuple[tuple[int, int], int, str, int]]:
+    """(grid, prefix, similarity, heads) per attention layer, from one image."""
     trace = capture(model, images[:1].to(next(model.parameters()).device), budget_bytes=0)
-    return {n: (s.grid, s.prefix, s.similarity) for n, s in trace.attention.items()}
+    return {n: (s.grid, s.prefix, s.similarity, s.heads) for n, s in trace.attention.items()}
+
+
+def chosen_heads(shapes: dict[str, tuple], layer: str | None, head: int | None) -> list[tuple[str, int]]:
+    """(layer, head) pairs to embed: every head of every layer, of ``layer``, or one head.
+
+    >>> chosen_heads({"a": ((8, 8), 0, "dot", 2), "b": ((4, 4), 0, "dot", 2)}, "b", None)
+    [('b', 0), ('b', 1)]
+    """
+    if not shapes:
+        raise VisattnError("this model has no self-attention layers: there are no queries and keys to map")
+    if layer is not None and layer not in shapes:
+        raise VisattnError(f"no attention layer {layer!r}; this model's: {', '.join(shapes)}")
+    if head is not None:
+        if layer is None:
+            raise VisattnError("--head needs --layer")
+        if not 0 <= head < shapes[layer][3]:
+            raise VisattnError(f"layer {layer} has heads 0..{shapes[layer][3] - 1}, not {head}")
+    return [(name, h) for name, shp in shapes.items() if layer in (None, name)
+            for h in range(shp[3]) if head in (None, h)]
 
 
 # ----------------------------------------------------------------------------- AttentionViz normalisation
@@ -280,6 +300,8 @@ def embed_heads(layers: dict[str, LayerTokens], method: str, seed: int = 0, only
     """Normalise and embed every head of ``layers`` (or the (layer, head) pairs in
     ``only``); with ``world`` > 1 each process embeds every ``world``-th head."""
     todo = [(n, h) for n, t in layers.items() for h in range(t.heads) if only is None or (n, h) in only]
+    if not todo:
+        raise VisattnError("no head to map")
     mine = []
     for i in _shard(len(todo), rank, world):
         name, h = todo[i]
@@ -313,11 +335,11 @@ def thumbnails(images: Tensor, side: int = THUMB) -> np.ndarray:
 
 
 def build_atlas(model: nn.Module, meta: dict[str, Any], split, *, n: int = 1000, seed: int = 0,
-                max_tokens: int = DEFAULT_MAX_TOKENS, method: str = "umap",
-                only: list[tuple[str, int]] | None = None, cache: str | Path | None = None,
-                refresh: bool = False) -> Atlas:
+                max_tokens: int = DEFAULT_MAX_TOKENS, method: str = "umap", layer: str | None = None,
+                head: int | None = None, cache: str | Path | None = None, refresh: bool = False) -> Atlas:
     """The atlas of ``n`` images of ``split`` (a :class:`visattn.data.Split`), from the
     disk cache when the same model weights, images and parameters were mapped before.
+    ``layer`` and ``head`` choose the heads to embed (default: every head of every layer).
 
     Under ``torchrun`` the extraction and the embeddings are shared between the
     processes; every process returns the same atlas, the first one writes the cache.
@@ -337,20 +359,18 @@ def build_atlas(model: nn.Module, meta: dict[str, Any], split, *, n: int = 1000,
         raise VisattnError("--n must be at least 1 and --max-tokens at least 2")
     indices = split.sample_indices(n, seed)
     images, labels = split.images[indices], split.labels[indices]
+    x = model_inputs(images, meta)
+    only = chosen_heads(_site_shape(model, x), layer, head)
     params = {"n": len(indices), "seed": seed, "max_tokens": max_tokens, "method": method,
-              "only": sorted(map(list, only)) if only else None}
+              "only": [list(p) for p in only]}
     key = fingerprint(model, images, labels, params)
     path = cache_path(key, cache)
     if path.exists() and not refresh:
         return load_atlas(path)
     rank, world = dist_info()
     t0 = time.perf_counter()
-    layers = extract(model, model_inputs(images, meta), max_tokens=max_tokens, seed=seed, rank=rank, world=world)
+    layers = extract(model, x, max_tokens=max_tokens, seed=seed, rank=rank, world=world)
     t1 = time.perf_counter()
-    if only:
-        missing = [f"{name} head {h}" for name, h in only if name not in layers or h >= layers[name].heads]
-        if missing:
-            raise VisattnError(f"not in this model: {', '.join(missing)}; layers: {', '.join(layers)}")
     heads = embed_heads(layers, method, seed, only, rank, world)
     t2 = time.perf_counter()
     atlas = Atlas(
@@ -405,6 +425,7 @@ def load_atlas(path: str | Path) -> Atlas:
     data = Path(path).read_bytes()
     _, meta = read_header(data)
     t = load(data)
+    meta["info"]["from_cache"] = str(path)
     layers = {name: {**lay, "image": t[f"{name}/image"], "token": t[f"{name}/token"]}
               for name, lay in meta["layers"].items()}
     heads = [HeadMap(h["layer"], h["head"], t[f"{h['layer']}/{h['head']}/xy"], t[f"{h['layer']}/{h['head']}/qnorm"],

@@ -1,4 +1,4 @@
-"""The ``visattn`` command line: train, eval, predict, explain, ablate, faithfulness, models."""
+"""The ``visattn`` command line: train, eval, predict, explain, ablate, faithfulness, atlas, models."""
 from __future__ import annotations
 
 import argparse
@@ -216,6 +216,43 @@ def cmd_faithfulness(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_atlas(a: argparse.Namespace) -> int:
+    from visattn.atlas import build_atlas
+    from visattn.atlas_view import atlas_figure, atlas_png, describe, summary_json
+    from visattn.checkpoint import atomic_write
+    from visattn.data import load_split
+    from visattn.train import dist_info
+    from visattn.zoo import load_model
+
+    out = Path(a.out) if a.out else None
+    if out is not None and out.suffix.lower() not in (".html", ".png"):
+        raise VisattnError(f"--out must end in .html or .png, not {out.name!r}")
+    model, meta = load_model(a.source)
+    split = load_split(a.data, "test", cache=a.cache)
+    atlas = build_atlas(model, meta, split, n=a.n, seed=a.seed, max_tokens=a.max_tokens, method=a.method,
+                        layer=a.layer, head=a.head, cache=a.cache, refresh=a.refresh)
+    if dist_info()[0] != 0:
+        return 0  # under torchrun the first process reports
+    if out is not None:
+        if out.suffix.lower() == ".png":
+            data = atlas_png(atlas, colour_by=a.colour)
+        else:
+            fig = atlas_figure(atlas, colour_by=a.colour)
+            fig.update_layout(title=describe(atlas))
+            data = fig.to_html(include_plotlyjs=True, full_html=True).encode()
+        atomic_write(out, data)
+    if a.json:
+        print(json.dumps(summary_json(atlas), indent=2))
+        return 0
+    print(describe(atlas))
+    for row in atlas.summary():
+        print(f"  {row['layer']} head {row['head']}: corr {row['corr']:+.3f} (2D), {row['corr_full']:+.3f} "
+              f"(before embedding), {row['points']:,} points")
+    if out is not None:
+        print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visattn", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -286,6 +323,25 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cache")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_faithfulness)
+
+    at = sub.add_parser("atlas", help="queries and keys of many images embedded together, per head (AttentionViz)")
+    at.add_argument("source", help="checkpoint, or torchvision:ARCH[:WEIGHTS]")
+    at.add_argument("--data", default="../shared/datasets/cifar10", help="folder with test/ (ImageFolder layout)")
+    at.add_argument("--n", "--images", dest="n", type=int, default=1000,
+                    help="images, a fixed random sample of the test split (--images under torchrun, whose own "
+                         "options --nnodes, --nproc-per-node... make --n ambiguous)")
+    at.add_argument("--layer", help="one attention layer (default: all)")
+    at.add_argument("--head", type=int, help="one head of --layer (default: all)")
+    at.add_argument("--max-tokens", type=int, default=4096,
+                    help="tokens sampled per layer when images x tokens is more (each: one query, one key point)")
+    at.add_argument("--method", choices=("umap", "pca"), default="umap")
+    at.add_argument("--colour", choices=("kind", "row", "column", "class", "norm"), default="kind")
+    at.add_argument("--seed", type=int, default=0)
+    at.add_argument("--out", help="atlas.html (interactive, self-contained) or atlas.png")
+    at.add_argument("--refresh", action="store_true", help="recompute even when cached")
+    at.add_argument("--cache")
+    at.add_argument("--json", action="store_true", help="per head: corr, corr_full, points; sampling and timings")
+    at.set_defaults(func=cmd_atlas)
     return p
 
 
