@@ -347,7 +347,7 @@ def build_atlas(model: nn.Module, meta: dict[str, Any], split, *, n: int = 1000,
     Example (minutes on a CPU: 1,000 images, UMAP of four heads)::
 
         model, meta = load_checkpoint("checkpoints/sa_cnn.safetensors")
-        atlas = build_atlas(model, meta, load_split("../shared/datasets/cifar10", "test"), n=1000)
+        atlas = build_atlas(model, meta, load_split(None, "test"), n=1000)
         [(row["layer"], row["head"], row["corr"]) for row in atlas.summary()]
     """
     from visattn.inference import model_inputs

@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     at = sub.add_parser("atlas", help="queries and keys of many images embedded together, per head (AttentionViz)")
     at.add_argument("source", help="checkpoint, or torchvision:ARCH[:WEIGHTS]")
-    at.add_argument("--data", default="../shared/datasets/cifar10", help="folder with test/ (ImageFolder layout)")
+    at.add_argument("--data", default=None, help="folder with test/ (ImageFolder layout); default visattn.paths.data()")
     at.add_argument("--n", "--images", dest="n", type=int, default=1000,
                     help="images, a fixed random sample of the test split (--images under torchrun, whose own "
                          "options --nnodes, --nproc-per-node... make --n ambiguous)")
