@@ -148,14 +148,14 @@ def bench_explain() -> list[dict]:
 # ----------------------------------------------------------------------------- the dashboard's server side
 def bench_dashboard(uploads: int = 8, clicks: int = 30) -> list[dict]:
     """Server-side time of Explore reruns: the page itself, timed around
-    ``app_pages._state.run`` under AppTest (what a Streamlit server runs per interaction):
+    ``pages._state.run`` under AppTest (what a Streamlit server runs per interaction):
     a new upload (bytes -> model -> every figure) and a query click (no model run)."""
     import random
 
     from PIL import Image
     from streamlit.testing.v1 import AppTest
 
-    from app_pages import _state
+    from pages import _state
 
     model, meta = default_model()
     x = torch.randn(1, 3, 32, 32)

@@ -59,8 +59,8 @@ ROOT = paths.root()
 DATA = paths.data()
 DEFAULT_CKPT = paths.default_checkpoint()
 
-UPLOAD_MODE = "Upload an image"  # app_pages/_state.py IMAGE_SOURCES[1]
-PATH_MODE = "Path on the server"  # app_pages/_pickers.py MODEL_SOURCES[2]
+UPLOAD_MODE = "Upload an image"  # pages/_state.py IMAGE_SOURCES[1]
+PATH_MODE = "Path on the server"  # pages/_pickers.py MODEL_SOURCES[2]
 TIMEOUT = 120.0  # seconds per AppTest run (20 sessions share two busy cores)
 
 

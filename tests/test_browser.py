@@ -221,11 +221,11 @@ def test_bad_upload_shows_one_error_and_next_upload_works(server: str, driver, t
 def test_bookmarked_page_opens_inside_the_navigation_on_a_fresh_server(driver) -> None:
     """The first request a new server gets is a bookmarked /learn: Learn opens with the
     dashboard around it (navigation listing every page, the sidebar model picker), not
-    alone. (Streamlit would run a file alone on a fresh server if the pages lived in a
-    folder called pages/ next to dashboard.py: see app_pages/__init__.py.)"""
+    alone. (Streamlit runs pages/learn.py as a script for a fresh server's first request:
+    its ``__main__`` guard hands over to ``pages.main``; see pages/__init__.py.)"""
     from selenium.webdriver.common.by import By
 
-    from app_pages import PAGES
+    from pages import PAGES
 
     with dashboard_server() as url:
         driver.get(url + "/learn")

@@ -1,10 +1,10 @@
-"""The Streamlit dashboard (dashboard.py, app_pages/) under streamlit.testing.v1.AppTest,
+"""The Streamlit dashboard (dashboard.py, pages/) under streamlit.testing.v1.AppTest,
 and the plain helpers behind it (visattn/app/: views, runs, lesson, figures).
 
 AppTest runs the scripts in this process, so the model cache is shared between tests
 and calls can be counted by patching ``visattn.inference.analyse_tensor``.
 
-Every test runs the whole dashboard (``app_pages.main``: navigation, sidebar picker, page),
+Every test runs the whole dashboard (``pages.main``: navigation, sidebar picker, page),
 opened on the page under test as a visitor of its URL would be (``main(start=...)``: AppTest
 switches pages by script file, and these pages are callables). Uploads go through the real
 ``st.file_uploader`` (AppTest 1.67 can set its files).
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from app_pages import PAGES
+from pages import PAGES
 from tests.bad_inputs import make_corpus, valid_jpeg
 from tests.conftest import DEFAULT_CKPT, needs_data
 from visattn import explain, paths
@@ -35,13 +35,13 @@ needs_checkpoint = pytest.mark.skipif(
 
 
 def _dashboard(start: str) -> None:  # AppTest.from_function runs this function's source as the script
-    from app_pages import main
+    from pages import main
 
     main(start)
 
 
 def app(page: str = "explore"):
-    """The dashboard, opened on ``page`` (a URL path of ``app_pages.PAGES``)."""
+    """The dashboard, opened on ``page`` (a URL path of ``pages.PAGES``)."""
     from streamlit.testing.v1 import AppTest
 
     return AppTest.from_function(_dashboard, args=(page,), default_timeout=TIMEOUT)

@@ -28,14 +28,14 @@ def imported(path: Path) -> set[str]:
 def test_the_library_imports_neither_streamlit_nor_the_app():
     assert len(LIBRARY) > 20 and len(APP) == 6
     for path in LIBRARY:
-        bad = {n for n in imported(path) if n.split(".")[0] in ("streamlit", "app_pages") or n.startswith("visattn.app")}
+        bad = {n for n in imported(path) if n.split(".")[0] in ("streamlit", "pages") or n.startswith("visattn.app")}
         assert not bad, (path.name, bad)
     for path in APP:
-        assert not {n for n in imported(path) if n.split(".")[0] in ("streamlit", "app_pages")}, path.name
+        assert not {n for n in imported(path) if n.split(".")[0] in ("streamlit", "pages")}, path.name
 
 
 def test_no_module_edits_sys_path():
-    files = [p for d in ("visattn", "app_pages", "tests", "benchmarks") for p in (ROOT / d).rglob("*.py")]
+    files = [p for d in ("visattn", "pages", "tests", "benchmarks") for p in (ROOT / d).rglob("*.py")]
     files.append(ROOT / "dashboard.py")
     assert len(files) > 40
     offenders = [p.name for p in files if "sys.path." + "insert" in p.read_text() or "sys.path." + "append" in p.read_text()]
@@ -80,3 +80,16 @@ def test_paths_outside_a_checkout_use_the_working_directory(monkeypatch, tmp_pat
     monkeypatch.chdir(work)
     assert module.root() == work and module.checkpoints() == work / "checkpoints"
 
+
+
+def test_every_page_hands_a_fresh_servers_first_request_to_the_dashboard():
+    """Streamlit runs ``pages/<url>.py`` as a script for a fresh server's first request (its v1
+    pages folder): each page module must then run the whole dashboard, not draw itself alone."""
+    import pages
+
+    for spec in pages.PAGES:
+        tree = ast.parse((ROOT / "pages" / f"{spec.url_path}.py").read_text())
+        guards = [n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "__name__ == '__main__'"]
+        assert len(guards) == 1, spec.url_path
+        body = ast.unparse(guards[0])
+        assert "from pages import main" in body and "dashboard()" in body, body

@@ -3,5 +3,5 @@
 ``views`` (images, query positions, the Explore maps), ``figures`` (plotly charts),
 ``lesson`` (the Learn page's numbers), ``evaluation`` (Models and Compare), ``runs``
 (background training of the Train page). The library (``visattn`` outside this
-package) imports nothing from here; the Streamlit pages in ``app_pages/`` do.
+package) imports nothing from here; the Streamlit pages in ``pages/`` do.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_pages import _controls as controls, _pickers as pickers, _state as state
+from pages import _controls as controls, _pickers as pickers, _state as state
 from visattn import maps, paths
 from visattn.app import evaluation, figures, views
 
@@ -120,3 +120,9 @@ def main() -> None:
                         "global heads look across the image.")
             controls.show_fig(figures.head_stats_figure(stats), key="models_heads")
 
+
+
+if __name__ == "__main__":  # a fresh server's first request for /models (see pages/__init__.py)
+    from pages import main as dashboard
+
+    dashboard()

@@ -21,7 +21,7 @@ import numpy as np
 import streamlit as st
 from torch import nn
 
-from app_pages._state import IMAGE_SOURCES, guard, init_state, log, one_line, persistent
+from pages._state import IMAGE_SOURCES, guard, init_state, log, one_line, persistent
 from visattn import inference, paths, zoo
 from visattn.app import views
 from visattn.checkpoint import MAX_CHECKPOINT_BYTES
@@ -118,7 +118,7 @@ def model_picker() -> ModelHandle | None:
 
 
 def require_model() -> ModelHandle:
-    """The sidebar's model (``app_pages.main`` draws the picker before every page); stops
+    """The sidebar's model (``pages.main`` draws the picker before every page); stops
     the page with an ``st.info`` when there is none."""
     handle = st.session_state.get("model_handle")
     if handle is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_pages import _controls as controls, _pickers as pickers, _state as state
+from pages import _controls as controls, _pickers as pickers, _state as state
 from visattn import explain, maps
 from visattn.app import evaluation, figures, views
 
@@ -179,3 +179,9 @@ def main() -> None:
                        f"(final ρ = {rho[-1][1]:.2f}), as a faithful explanation should.")
         controls.show_fig(figures.sanity_figure(rho, method), key="compare_sanity")
 
+
+
+if __name__ == "__main__":  # a fresh server's first request for /compare (see pages/__init__.py)
+    from pages import main as dashboard
+
+    dashboard()

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from app_pages import _controls as controls, _state as state
+from pages import _controls as controls, _state as state
 from visattn import paths
 from visattn.app import figures, runs, views
 from visattn.errors import VisattnError
@@ -134,3 +134,9 @@ def main() -> None:
 
     monitor()
 
+
+
+if __name__ == "__main__":  # a fresh server's first request for /train (see pages/__init__.py)
+    from pages import main as dashboard
+
+    dashboard()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from app_pages import _controls as controls, _pickers as pickers
+from pages import _controls as controls, _pickers as pickers
 from visattn.app import figures, views
 from visattn.app.lesson import key_name, lesson, next_layer
 
@@ -165,3 +165,9 @@ def main() -> None:
                                                  les.cell, st.session_state["cmap"], height=440), key="learn_cos")
     st.latex(r"q \cdot k = \sum_i q_i k_i \qquad\qquad \cos(q, k) = \frac{q \cdot k}{\lVert q \rVert\,\lVert k \rVert}")
 
+
+
+if __name__ == "__main__":  # a fresh server's first request for /learn (see pages/__init__.py)
+    from pages import main as dashboard
+
+    dashboard()

@@ -7,10 +7,12 @@ by concern: ``_state`` (session state, error lines), ``_pickers`` (model, image,
 cached analysis), ``_controls`` (query image, layer/head, look, figures). What does not
 need Streamlit lives in ``visattn.app``.
 
-This folder is not called ``pages/`` on purpose: Streamlit treats a ``pages/`` folder next
-to the entry script as its old auto-discovered page list until the first ``st.navigation``
-call of the process, so on a fresh server a first visit to ``/learn`` would run that file
-alone.
+Streamlit treats a ``pages/`` folder next to the entry script as its old (v1)
+auto-discovered page list until the process first calls ``st.navigation``: on a fresh
+server the very first request for ``/learn`` runs ``pages/learn.py`` as a script. So each
+page module ends with ``if __name__ == "__main__": main()`` of this package, and that
+first request also opens inside the navigation (``tests/test_browser.py`` proves it).
+Only public Streamlit behaviour is used: no private flags, no ``sys.path`` edits.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Callable, NamedTuple
 
 import streamlit as st
 
-from app_pages import _pickers, _state, compare, explore, learn, models, train
+from pages import _pickers, _state, compare, explore, learn, models, train
 
 
 class PageSpec(NamedTuple):

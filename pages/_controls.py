@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from app_pages._pickers import ImageChoice
-from app_pages._state import MEAN_OF_HEADS, persistent
+from pages._pickers import ImageChoice
+from pages._state import MEAN_OF_HEADS, persistent
 from visattn.app import views
 
 QUERY_SIZE = 320  # px of the enlarged, clickable image

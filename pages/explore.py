@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_pages import _controls as controls, _pickers as pickers, _state as state
+from pages import _controls as controls, _pickers as pickers, _state as state
 from visattn import maps, panels, plotting
 from visattn.app import figures, views
 
@@ -138,3 +138,9 @@ def main() -> None:
                     col.image(figures.overlay_large(analysis.image, m, alpha, cmap, vmin=0.0, vmax=1.0),
                               caption=f"CBAM spatial map · {name} (0 = suppressed, 1 = kept)", width="stretch")
 
+
+
+if __name__ == "__main__":  # a fresh server's first request for /explore (see pages/__init__.py)
+    from pages import main as dashboard
+
+    dashboard()
