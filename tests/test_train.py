@@ -40,7 +40,8 @@ def test_loss_falls_and_checkpoint_reloads_exactly(tmp_path: Path) -> None:
     lines = [json.loads(l) for l in (tmp_path / "a.metrics.jsonl").read_text().splitlines()]
     epochs = [l for l in lines if l["type"] == "epoch"]
     assert len(epochs) == 3 and epochs[-1]["loss"] < epochs[0]["loss"]
-    assert {"loss", "train_acc", "lr", "img_per_s"} <= set(lines[0])
+    assert lines[0]["step"] == 0 and lines[0]["probe"]  # the untrained model's attention comes first
+    assert {"loss", "train_acc", "lr", "img_per_s"} <= set(lines[1])
     assert epochs[-1]["probe"] is not None  # the attention map on the probe image, per epoch
     loaded, meta2 = load_checkpoint(tmp_path / "a.safetensors")
     x = torch.randn(8, 3, 32, 32)

@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override, repeatable")
     t.add_argument("--resume", action="store_true", help="continue from OUT's .state.safetensors")
     for name, typ in [("optimizer", str), ("epochs", int), ("batch-size", int), ("lr", float), ("weight-decay", float), ("label-smoothing", float),
-                      ("cutout", int), ("init", str), ("subset", int), ("eval-subset", int), ("seed", int), ("cache", str), ("stop-after", int)]:
+                      ("cutout", int), ("init", str), ("subset", int), ("eval-subset", int), ("seed", int), ("cache", str), ("stop-after", int),
+                      ("probe", str)]:
         t.add_argument(f"--{name}", type=typ)
     t.add_argument("--compile", action="store_true", default=None)
     t.add_argument("--no-amp", dest="amp", action="store_false", default=None,

@@ -10,6 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -74,8 +75,13 @@ def _listing(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, files
 
 
-def load_image_folder(root: str | os.PathLike, size: int = 32, cache: str | os.PathLike | None = None) -> Split:
-    """Read an ImageFolder tree (``root/<class>/<image>``), decoding once into the cache.
+Progress = Callable[[int, int], None]  # (images done, images in all)
+
+
+def load_image_folder(root: str | os.PathLike, size: int = 32, cache: str | os.PathLike | None = None,
+                      progress: Progress | None = None) -> Split:
+    """Read an ImageFolder tree (``root/<class>/<image>``), decoding once into the cache;
+    ``progress(done, total)`` is called along the way.
 
     >>> test = load_image_folder("../shared/datasets/cifar10/test")
     >>> test.images.shape, test.classes[:2]
@@ -89,10 +95,14 @@ def load_image_folder(root: str | os.PathLike, size: int = 32, cache: str | os.P
     path = cache_dir(cache) / f"{root.name}-{size}-{key.hexdigest()[:16]}.safetensors"
     if path.exists():
         t = load_file(path)
+        if progress:
+            progress(len(files), len(files))
         return Split(t["images"], t["labels"], tuple(classes), str(root))
     images = np.empty((len(files), size, size, 3), dtype=np.uint8)
     for j, (p, _) in enumerate(tqdm(files, desc=f"decoding {root.name}", disable=None, mininterval=2)):
         images[j] = image_to_uint8_array(load_image(p), size)
+        if progress and (j % 500 == 0 or j == len(files) - 1):
+            progress(j + 1, len(files))
     t = {
         "images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
         "labels": torch.tensor([c for _, c in files], dtype=torch.int64),
@@ -112,14 +122,15 @@ def load_torchvision_cifar10(root: str | os.PathLike, train: bool, download: boo
     return Split(images, torch.tensor(ds.targets, dtype=torch.int64), tuple(ds.classes), "torchvision:CIFAR10")
 
 
-def load_split(data: str | os.PathLike | None, split: str, size: int = 32, cache: str | None = None) -> Split:
+def load_split(data: str | os.PathLike | None, split: str, size: int = 32, cache: str | None = None,
+               progress: Progress | None = None) -> Split:
     """``data`` is a folder holding ``train/`` and ``test/`` (or one ImageFolder tree),
     ``cifar10`` for torchvision's download into the cache folder, or None for
     ``visattn.paths.data()``."""
     if data == "cifar10":
         return load_torchvision_cifar10(cache_dir(cache) / "torchvision", train=split == "train")
     root = Path(data) if data is not None else paths.data()
-    return load_image_folder(root / split if (root / split).is_dir() else root, size, cache)
+    return load_image_folder(root / split if (root / split).is_dir() else root, size, cache, progress)
 
 
 def normalise(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:

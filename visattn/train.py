@@ -7,9 +7,10 @@ Examples:
     visattn train ... --resume            # continue after a kill, from the last epoch saved
     torchrun --nproc_per_node 2 -m visattn train ...   # DistributedDataParallel
 
-Each run writes, beside ``--out``: ``NAME.metrics.jsonl`` (one JSON line per interval
-and per epoch), ``NAME.state.safetensors`` (weights, optimiser, epoch: for --resume) and,
-while it runs, ``NAME.safetensors.lock``.
+Each run writes, beside ``--out``: ``NAME.metrics.jsonl`` (one JSON line every few seconds
+and per epoch, with the probe: see :mod:`visattn.probe`), ``NAME.status.json`` (phase,
+progress, time left: see :mod:`visattn.progress`), ``NAME.state.safetensors`` (weights,
+optimiser, epoch: for --resume) and, while it runs, ``NAME.safetensors.lock``.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,10 @@ from tqdm.auto import tqdm
 from visattn.checkpoint import atomic_write, load_checkpoint, read_header, save_checkpoint, tensors_to_bytes
 from visattn.data import CIFAR10_MEAN, CIFAR10_STD, Split, augment, load_split, normalise
 from visattn.errors import TrainingError
+from visattn.image_io import image_to_uint8_array, load_image
 from visattn.models import create_model
+from visattn.probe import probe
+from visattn.progress import StatusFile
 
 
 # ----------------------------------------------------------------------------- hyper-parameters
@@ -57,7 +61,10 @@ class TrainConfig:
     subset: int = 0  # train on this many images only (0: all), for tests and quick looks
     eval_subset: int = 0  # evaluate on this many test images only (0: all)
     seed: int = 0
-    log_every: int = 20  # steps between metric lines
+    log_every: int = 20  # at most this many steps between metric lines
+    log_seconds: float = 2.0  # at most this many seconds between metric lines
+    probe: str = "0"  # probe image: an index into the test split, or an image file
+    probe_seconds: float = 4.0  # at least this many seconds between probes inside an epoch
     compile: bool = False  # torch.compile (CUDA)
     amp: bool = True  # bf16 autocast: on CUDA, and on CPUs with native bf16 (AVX512-BF16, AMX)
     cache: str | None = None  # decoded data-set cache folder
@@ -69,7 +76,7 @@ def paths(out: str) -> dict[str, Path]:
     p = Path(out)
     stem = p.name.removesuffix(".safetensors")
     return {"out": p, "metrics": p.with_name(stem + ".metrics.jsonl"), "state": p.with_name(stem + ".state.safetensors"),
-            "lock": p.with_name(p.name + ".lock")}
+            "status": p.with_name(stem + ".status.json"), "lock": p.with_name(p.name + ".lock")}
 
 
 def amp_enabled(device: torch.device, wanted: bool = True) -> bool:
@@ -208,20 +215,52 @@ def lock_holder(out: str | os.PathLike) -> int | None:
 
 def train(cfg: TrainConfig, resume: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``cfg.model`` on ``cfg.data``; returns the model and its checkpoint's metadata.
-    One run at a time per output file (see :func:`run_lock`)."""
+    One run at a time per output file (see :func:`run_lock`); the status file says how far
+    it got, and why it stopped if it failed."""
     rank, _ = dist_info()
-    with run_lock(Path(cfg.out)) if rank == 0 else nullcontext():
-        return _train(cfg, resume)
+    if rank:
+        return _train(cfg, resume, None)
+    with run_lock(Path(cfg.out)):
+        status = StatusFile(paths(cfg.out)["status"])
+        status.write("loading", message="starting", force=True)
+        try:
+            return _train(cfg, resume, status)
+        except Exception as e:
+            status.write("failed", message=str(e) or type(e).__name__, force=True)
+            raise
 
 
-def _train(cfg: TrainConfig, resume: bool) -> tuple[nn.Module, dict[str, Any]]:
+def probe_images(spec: str, test: Split, n: int = 16) -> Tensor:
+    """uint8 (n, 3, S, S): the probe image (``spec``: a test-split index or an image file),
+    then the first test images, over which the probe's entropy is averaged."""
+    side = test.images.shape[-1]
+    if spec.isdigit():
+        if int(spec) >= len(test):
+            raise TrainingError(f"probe image {spec}: the test split has {len(test)} images (0..{len(test) - 1})")
+        first = test.images[int(spec)][None]
+    else:
+        first = torch.from_numpy(image_to_uint8_array(load_image(spec), side)).permute(2, 0, 1)[None]
+    return torch.cat([first, test.images[: n - 1]])
+
+
+def _train(cfg: TrainConfig, resume: bool, status: StatusFile | None) -> tuple[nn.Module, dict[str, Any]]:
     rank, world = dist_info()
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     amp = amp_enabled(device, cfg.amp)
     torch.manual_seed(cfg.seed)
     p = paths(cfg.out)
-    train_split = load_split(cfg.data, "train", cache=cfg.cache)
-    test_split = load_split(cfg.data, "test", cache=cfg.cache)
+    resuming = resume and p["state"].exists()
+    if rank == 0 and not resuming:
+        atomic_write(p["metrics"], b"")  # a new run's curves start empty, before the data loads
+
+    def loading(what: str):
+        if status is None:
+            return None
+        return lambda done, total: status.write("loading", done, total, message=f"loading the {what} images")
+
+    train_split = load_split(cfg.data, "train", cache=cfg.cache, progress=loading("training"))
+    test_split = load_split(cfg.data, "test", cache=cfg.cache, progress=loading("test"))
+    probe_x = normalise(probe_images(cfg.probe, test_split), CIFAR10_MEAN, CIFAR10_STD).to(device)
     if cfg.subset:
         train_split = train_split.subset(cfg.subset, cfg.seed)
     if cfg.eval_subset:
@@ -240,11 +279,8 @@ def _train(cfg: TrainConfig, resume: bool) -> tuple[nn.Module, dict[str, Any]]:
     model = model.to(device, memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     start, log = 0, {"seconds": 0.0, "best": 0.0}
-    if resume and p["state"].exists():
+    if resuming:
         start, log = load_state(p["state"], model, opt)
-    elif rank == 0:
-        p["metrics"].parent.mkdir(parents=True, exist_ok=True)
-        p["metrics"].write_text("")
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     fwd = torch.compile(net) if cfg.compile else net
     images = train_split.images.to(device)
@@ -257,6 +293,10 @@ def _train(cfg: TrainConfig, resume: bool) -> tuple[nn.Module, dict[str, Any]]:
     base_flip = torch.rand(n, generator=torch.Generator().manual_seed(cfg.seed)) < 0.5
     metrics = p["metrics"].open("a") if rank == 0 else None
     end = min(cfg.epochs, start + cfg.stop_after) if cfg.stop_after else cfg.epochs
+    clock = _Clock(steps=(end - start) * steps_per_epoch, epochs=end - start, eval_images=len(test_split),
+                   batch_size=cfg.batch_size)
+    if metrics and not resuming:  # the untrained model's attention: the starting point of the probe curves
+        _write(metrics, {"type": "step", "epoch": 1, "step": 0, "total_steps": total, "probe": probe(model, probe_x)})
     meta: dict[str, Any] = {}
     for epoch in range(start, end):
         net.train()
@@ -265,6 +305,7 @@ def _train(cfg: TrainConfig, resume: bool) -> tuple[nn.Module, dict[str, Any]]:
         perm = perm.view(steps_per_epoch, world, cfg.batch_size)[:, rank]
         flips = base_flip ^ bool(epoch % 2) if epoch else torch.rand(n, generator=gen) < 0.5  # flip alternation
         t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+        last_line = last_probe = t0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if rank == 0 else True)
         for i in bar:
             step = epoch * steps_per_epoch + i
@@ -288,25 +329,35 @@ def _train(cfg: TrainConfig, resume: bool) -> tuple[nn.Module, dict[str, Any]]:
             seen += len(y)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
-            if metrics and (i + 1) % cfg.log_every == 0:
-                metrics.write(json.dumps({
+            now = time.time()
+            clock.step(now)
+            if metrics and ((i + 1) % cfg.log_every == 0 or now - last_line >= cfg.log_seconds) and i + 1 < steps_per_epoch:
+                line = {
                     "type": "step", "epoch": epoch + 1, "step": step + 1, "total_steps": total,
                     "loss": loss_sum / seen, "train_acc": correct / seen, "lr": g["lr"],
-                    "img_per_s": seen * world / (time.time() - t0),
-                }) + "\n")
-                metrics.flush()
+                    "img_per_s": seen * world / (now - t0),
+                }
+                if now - last_probe >= cfg.probe_seconds:
+                    line["probe"], last_probe = probe(model, probe_x), now
+                _write(metrics, line)
+                last_line = now
+            if status:
+                status.write("training", step + 1, total, eta=clock.eta(), epoch=epoch + 1, epochs=cfg.epochs)
         seconds = time.time() - t0
         log["seconds"] += seconds
         if rank == 0:
+            status.write("evaluating", step + 1, total, eta=clock.eta(), message=f"testing on {len(test_split)} images",
+                         epoch=epoch + 1, epochs=cfg.epochs, force=True)
+            t_eval = time.time()
             acc = accuracy(model, test_split, mean, std)
+            clock.evaluated(time.time() - t_eval)
             log["best"] = max(log["best"], acc)
             line = {
-                "type": "epoch", "epoch": epoch + 1, "epochs": cfg.epochs, "loss": loss_sum / seen,
-                "train_acc": correct / seen, "test_acc": acc, "lr": lr_at(step + 1, total, cfg),
-                "img_per_s": seen * world / seconds, "seconds": log["seconds"], "probe": probe_map(model, test_split, mean, std),
+                "type": "epoch", "epoch": epoch + 1, "epochs": cfg.epochs, "step": step + 1, "total_steps": total,
+                "loss": loss_sum / seen, "train_acc": correct / seen, "test_acc": acc, "lr": lr_at(step + 1, total, cfg),
+                "img_per_s": seen * world / seconds, "seconds": log["seconds"], "probe": probe(model, probe_x),
             }
-            metrics.write(json.dumps(line) + "\n")
-            metrics.flush()
+            _write(metrics, line)
             meta = save_checkpoint(
                 p["out"], model, classes=list(train_split.classes), mean=list(mean), std=list(std),
                 dataset=train_split.source, train_images=n, accuracy=acc, accuracy_split=f"test ({len(test_split)} images)",
@@ -317,22 +368,45 @@ def _train(cfg: TrainConfig, resume: bool) -> tuple[nn.Module, dict[str, Any]]:
             print(f"epoch {epoch + 1}: loss {line['loss']:.3f} test acc {acc:.4f} ({line['img_per_s']:.0f} img/s)", flush=True)
     if metrics:
         metrics.close()
+    if status:
+        status.write("done", total, total, eta=0.0, message=f"test accuracy {log['best']:.1%}" if end > start else "",
+                     force=True, accuracy=meta.get("accuracy"))
     if world > 1:
         dist.barrier()
     return model.to(memory_format=torch.contiguous_format).eval(), meta
 
 
-def probe_map(model: nn.Module, split: Split, mean, std) -> list | None:
-    """Head-averaged attention received per grid token for test image 0 (epoch-by-epoch view)."""
-    from visattn.tracing import capture
+def _write(metrics, line: dict[str, Any]) -> None:
+    metrics.write(json.dumps(line) + "\n")
+    metrics.flush()
 
-    x = normalise(split.images[:1].to(next(model.parameters()).device), mean, std)
-    sites = list(capture(model.eval(), x).attention.values())
-    if not sites:
-        return None
-    s = sites[-1]
-    w = s.full_weights(0).mean(0)[s.prefix :, s.prefix :].mean(0)  # (grid tokens,)
-    return w.reshape(s.grid).cpu().tolist()
+
+class _Clock:
+    """Estimates the seconds a run has left from its own pace: the training steps still to
+    go at the mean step time so far, plus one test-set evaluation per epoch left."""
+
+    def __init__(self, steps: int, epochs: int, eval_images: int, batch_size: int) -> None:
+        self.steps_left, self.epochs_left, self.eval_images, self.batch_size = steps, epochs, eval_images, batch_size
+        self.steps_done, self.train_seconds, self.eval_seconds = 0, 0.0, None
+        self.last = time.time()
+
+    def step(self, now: float) -> None:
+        self.steps_done += 1
+        self.steps_left -= 1
+        self.train_seconds += now - self.last
+        self.last = now
+
+    def evaluated(self, seconds: float) -> None:
+        self.eval_seconds, self.epochs_left, self.last = seconds, self.epochs_left - 1, time.time()
+
+    def eta(self) -> float | None:
+        if not self.steps_done:
+            return None
+        per_step = self.train_seconds / self.steps_done
+        # until the first evaluation: testing an image costs about a third of training on it
+        per_eval = self.eval_seconds if self.eval_seconds is not None else \
+            per_step * self.eval_images / (3 * self.batch_size)
+        return self.steps_left * per_step + self.epochs_left * per_eval
 
 
 def hardware() -> str:
