@@ -165,17 +165,17 @@ def test_docstring_examples(tiny):
 
 def test_grad_cam_on_a_vit_block_uses_the_grid_its_attention_site_records():
     """Tokens entering a torchvision encoder layer (CLS + 3×3 patches) are explained on the
-    grid and prefix that the layer's attention site records, not on a guess from the count."""
+    grid and prefix of the model's token layout, the one its attention site records."""
     from visattn import capture
 
     model = create_model("vit_b_16", image_size=48, num_classes=10).eval()
     nn.init.normal_(model.heads.head.weight, std=0.1)  # torchvision starts the head at zero: no gradient
     x = torch.rand(1, 3, 48, 48)
     site = capture(model, x).attention["encoder.layers.encoder_layer_1.self_attention"]
-    tokens = model.encoder.layers[0](model.encoder.dropout(
-        torch.cat([model.class_token, model._process_input(x)], 1) + model.encoder.pos_embedding))
-    probe = explain._GridProbe(model.encoder.layers[1])
-    assert probe.token_layout(tokens) == (site.grid, site.prefix) == ((3, 3), 1)
+    view, _ = explain._probed_view(model, "encoder.layers.encoder_layer_1", (48, 48))
+    probe = view.encoder.layers.encoder_layer_1
+    assert isinstance(probe, explain._GridProbe)
+    assert probe.layout(10) == (site.grid, site.prefix) == ((3, 3), 1)
     e = grad_cam(model, x, 2, layer="encoder.layers.encoder_layer_1")
     check(e, "grad_cam", side=48)
     assert e.map.max() > 0

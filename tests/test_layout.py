@@ -44,7 +44,7 @@ def test_no_module_edits_sys_path():
 
 def test_capture_is_the_function_and_tracing_the_module():
     assert visattn.capture is tracing.capture and callable(visattn.capture)
-    assert tracing.CapturableMHA.__module__ == "visattn.tracing"
+    assert tracing.attend.__module__ == "visattn.tracing"
 
 
 def test_paths_follow_the_environment(monkeypatch, tmp_path):

@@ -34,10 +34,8 @@ class AblationError(VisattnError, ValueError):
 
 
 def _prepared(model: nn.Module) -> dict[int, str]:
-    """Module names by id, once ``nn.MultiheadAttention`` layers are made visible to edits."""
-    from visattn.models.tv_vit import make_capturable
-
-    make_capturable(model)
+    """Module names by id (timm, Hugging Face and ``nn.MultiheadAttention`` layers reach the
+    edit through :func:`visattn.intercept.watching`; nothing is changed on the model)."""
     return {id(m): n for n, m in model.named_modules()}
 
 

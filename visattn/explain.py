@@ -31,9 +31,11 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occ
 from torch import Tensor, nn
 
 from visattn.errors import VisattnError
+from visattn.tokens import guess_layout, token_layout
 from visattn.tracing import AttentionSite, capture
 
-_CAM_NAME = re.compile(r"stem|tokenizer|conv_proj|stages\.\d+(\.\d+)?|blocks\.\d+|encoder\.layers\.[^.]+")
+_BLOCK_NAME = re.compile(r"blocks\.\d+|encoder\.layers\.[^.]+|(\w+\.)*layers?\.\d+")  # timm, torchvision, HF
+_CAM_NAME = re.compile(rf"stem|tokenizer|conv_proj|stages\.\d+(\.\d+)?|{_BLOCK_NAME.pattern}")
 _LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
@@ -96,8 +98,9 @@ def list_cam_layers(model: nn.Module) -> list[str]:
 
 def default_cam_layer(model: nn.Module) -> str:
     """The layer Grad-CAM uses by default: the last stage for models with ``.stages``,
-    else the tokenizer output (hybrid_vit), else the last ``nn.Conv2d`` (ViT patch
-    embedding, seed_cnn).
+    else the tokenizer output (hybrid_vit), else the last transformer block of a ViT
+    (timm, Hugging Face, torchvision: the grid tokens entering it, whose gradient is not
+    zero), else the last ``nn.Conv2d`` (seed_cnn).
 
     >>> default_cam_layer(create_model("sa_cnn")), default_cam_layer(create_model("hybrid_vit"))
     ('stages.2', 'tokenizer')
@@ -106,6 +109,9 @@ def default_cam_layer(model: nn.Module) -> str:
         return f"stages.{len(model.stages) - 1}"
     if isinstance(getattr(model, "tokenizer", None), nn.Module):
         return "tokenizer"
+    blocks = [name for name in list_cam_layers(model) if _BLOCK_NAME.fullmatch(name)]
+    if blocks and token_layout(model, (224, 224)) is not None:
+        return blocks[-1]
     convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ExplainError(f"{type(model).__name__} has no convolution or stage for Grad-CAM")
@@ -115,27 +121,20 @@ def default_cam_layer(model: nn.Module) -> str:
 class _GridProbe(nn.Module):
     """Runs ``layer`` with ``probe`` (an Identity that Grad-CAM hooks) on a (B, C, H, W) map:
     a conv layer's output, or the grid of the tokens (B, N, C) entering a transformer block
-    (its own output tokens never reach a CLS head in the last block)."""
+    (its own output tokens never reach a CLS head in the last block), laid out as
+    ``layout(N)`` = (grid, prefix) says."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, layout: Callable[[int], tuple[tuple[int, int], int]]) -> None:
         super().__init__()
-        self.layer, self.probe = layer, nn.Identity()
+        self.layer, self.probe, self.layout = layer, nn.Identity(), layout
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if x.dim() != 3:
             return self.probe(self.layer(x, *args, **kwargs))
         b, n, c = x.shape
-        (h, w), p = self.token_layout(x)
+        (h, w), p = self.layout(n)
         grid = self.probe(x[:, p:].transpose(1, 2).reshape(b, c, h, w))
         return self.layer(torch.cat([x[:, :p], grid.flatten(2).transpose(1, 2)], dim=1), *args, **kwargs)
-
-    def token_layout(self, x: Tensor) -> tuple[tuple[int, int], int]:
-        """(grid, prefix) of tokens entering the block, as its first attention site records them."""
-        sites = capture(self.layer, x.detach()).attention
-        if not sites:
-            raise ExplainError("Grad-CAM on tokens needs a block with an attention layer inside (to know the grid)")
-        site = next(iter(sites.values()))
-        return site.grid, site.prefix
 
 
 def _shallow(module: nn.Module) -> nn.Module:
@@ -144,16 +143,23 @@ def _shallow(module: nn.Module) -> nn.Module:
     return clone
 
 
-def _probed_view(model: nn.Module, layer_name: str) -> tuple[nn.Module, nn.Module]:
+def _probed_view(model: nn.Module, layer_name: str, hw: tuple[int, int]) -> tuple[nn.Module, nn.Module]:
     """A private view of ``model``: shallow copies along the path to the named layer (all
-    else shared), the layer wrapped in a :class:`_GridProbe`; returns (view, probe)."""
+    else shared), the layer wrapped in a :class:`_GridProbe` that reads tokens with the
+    model's own layout for ``hw``-pixel inputs (:mod:`visattn.tokens`); returns (view, probe)."""
+    known = token_layout(model, hw)
+
+    def layout(n: int) -> tuple[tuple[int, int], int]:
+        found = known if known is not None and known.tokens == n else guess_layout(n, hw)
+        return found.grid, found.prefix
+
     view = node = _shallow(model)
     *path, leaf = layer_name.split(".")
     for part in path:
         child = _shallow(node._modules[part])
         node._modules[part] = child
         node = child
-    wrapper = _GridProbe(node._modules[leaf])
+    wrapper = _GridProbe(node._modules[leaf], layout)
     node._modules[leaf] = wrapper
     return view, wrapper.probe
 
@@ -206,7 +212,8 @@ def grad_cam(model: nn.Module, image: Tensor, target: int | None = None,
     name = _layer_name(model, layer)
 
     def attribute(x: Tensor, t: int) -> Tensor:
-        attr = LayerGradCam(*_probed_view(model, name)).attribute(x, target=t, relu_attributions=True)
+        view = _probed_view(model, name, (int(x.shape[-2]), int(x.shape[-1])))
+        attr = LayerGradCam(*view).attribute(x, target=t, relu_attributions=True)
         return LayerAttribution.interpolate(attr, tuple(x.shape[-2:]), interpolate_mode="bilinear")
 
     return _gradient_method("grad_cam", model, image, target, attribute, lambda a: a.sum(0))

@@ -10,22 +10,25 @@ The same dispatch carries interventions: inside :func:`editing` an edit function
 head output (``weights @ V``, before the output projection) and may replace it, again for
 the calling thread only (``visattn.ablation`` builds head ablation and patching on it).
 
-``nn.MultiheadAttention`` (torchvision's ViTs) computes no per-head weights when asked for
-none, so :func:`make_capturable` switches each instance's class to :class:`CapturableMHA`
-once: same parameters, state-dict keys and outputs, explicit weights only while a capture
-(or an edit) runs in the calling thread. That class switch is the one change a capture makes
-to a model.
+Attention computed by other libraries (any ``nn.MultiheadAttention``, timm's and Hugging
+Face's attention modules) is routed through :func:`attend` by :mod:`visattn.intercept`, for
+the capturing (or editing) thread only: nothing on the model changes, not even a class.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from visattn.tokens import TokenLayout
 
 #: Attention matrices larger than this (bytes, all heads, whole batch) are not kept;
 #: their rows are computed on demand from Q and K instead.
@@ -116,12 +119,18 @@ class SpatialSite:
 Site = AttentionSite | ChannelSite | SpatialSite
 
 
+class CaptureWarning(UserWarning):
+    """An attention layer whose weights a capture could not see (named, with the reason)."""
+
+
 @dataclass
 class Trace:
-    """Logits of a forward pass and every attention site it went through, by layer name."""
+    """Logits of a forward pass and every attention site it went through, by layer name;
+    ``skipped``: ``{layer: reason}`` for attention layers it could not see."""
 
     logits: Tensor
     sites: dict[str, Site] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def attention(self) -> dict[str, AttentionSite]:
@@ -137,12 +146,17 @@ class Trace:
 
 
 class Recorder:
-    """Collects sites during one captured forward pass (one per thread and call)."""
+    """Collects sites during one captured forward pass (one per thread and call); ``layout``:
+    the model's token layout; ``skipped``: ``{layer: reason}`` for attention calls it saw
+    but could not record."""
 
-    def __init__(self, names: dict[int, str], budget_bytes: int) -> None:
+    def __init__(self, names: dict[int, str], budget_bytes: int, *, layout: TokenLayout | None = None,
+                 image_hw: tuple[int, int] = (0, 0)) -> None:
         self.names = names
         self.budget_bytes = budget_bytes
+        self.layout, self.image_hw = layout, image_hw
         self.sites: dict[str, Site] = {}
+        self.skipped: dict[str, str] = {}
 
     def name_of(self, module: nn.Module) -> str:
         return self.names.get(id(module), f"{type(module).__name__}@{id(module):x}")
@@ -159,12 +173,6 @@ def current_recorder() -> Recorder | None:
     return _RECORDER.get()
 
 
-def observed() -> bool:
-    """Whether a capture or an edit runs in this thread. Attention modules with a fast path
-    of their own (``nn.MultiheadAttention``) must then go through :func:`attend`."""
-    return _RECORDER.get() is not None or _EDIT.get() is not None
-
-
 @contextlib.contextmanager
 def editing(edit: HeadEdit) -> Iterator[None]:
     """Apply ``edit`` to every head output computed by :func:`attend` in this thread, inside
@@ -177,21 +185,29 @@ def editing(edit: HeadEdit) -> Iterator[None]:
     >>> tuple(logits.shape)
     (1, 10)
     """
+    from visattn.intercept import watching
+
     token = _EDIT.set(edit)
     try:
-        yield
+        with watching():
+            yield
     finally:
         _EDIT.reset(token)
 
 
 def capture(
-    model: nn.Module, images: Tensor, *, budget_bytes: int = DEFAULT_BUDGET_BYTES, grad: bool = False
+    model: nn.Module, images: Tensor, *, budget_bytes: int = DEFAULT_BUDGET_BYTES, grad: bool = False,
+    layout: TokenLayout | None = None,
 ) -> Trace:
     """Run ``model`` on ``images`` and return its logits with every attention map.
 
-    Thread-safe on a shared model: no hook or state is attached to it. The first capture of a
-    model holding ``nn.MultiheadAttention`` switches those modules' class to
-    :class:`CapturableMHA` (:func:`make_capturable`; idempotent, outputs unchanged). With
+    Sees visattn's own layers, every ``nn.MultiheadAttention`` and timm's and Hugging
+    Face's attention (:mod:`visattn.intercept`); each attention layer it cannot see is
+    named in one :class:`CaptureWarning` and in ``Trace.skipped``. Token layouts come from
+    the model (:func:`visattn.tokens.token_layout`) unless ``layout`` is given. A Hugging
+    Face model's output object gives its ``logits``.
+
+    Thread-safe on a shared model: no hook, state or class change is left on it. With
     ``grad`` the autograd graph is kept, so the logits can be differentiated with respect to
     the sites' tensors (``torch.autograd.grad``; no parameter ``.grad`` is touched).
 
@@ -201,16 +217,22 @@ def capture(
     >>> {name: tuple(s.weights.shape) for name, s in trace.attention.items()}
     {'stages.1.1': (1, 2, 64, 64)}
     """
-    make_capturable(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    rec = Recorder(names, budget_bytes)
+    from visattn.intercept import not_captured, watching
+    from visattn.tokens import token_layout
+
+    hw = (int(images.shape[-2]), int(images.shape[-1]))
+    rec = Recorder({id(m): n for n, m in model.named_modules()}, budget_bytes,
+                   layout=layout or token_layout(model, hw), image_hw=hw)
     token = _RECORDER.set(rec)
     try:
-        with torch.set_grad_enabled(grad):
-            logits = model(images)
+        with torch.set_grad_enabled(grad), watching():
+            out = model(images)
     finally:
         _RECORDER.reset(token)
-    return Trace(logits=logits, sites=rec.sites)
+    skipped = not_captured(model, set(rec.sites), rec.skipped)
+    for name, reason in skipped.items():
+        warnings.warn(f"not captured: {name} ({reason})", CaptureWarning, stacklevel=2)
+    return Trace(logits=getattr(out, "logits", out), sites=rec.sites, skipped=skipped)
 
 
 def attend(
@@ -297,52 +319,3 @@ def record_site(site_factory, module: nn.Module, value: Tensor) -> None:
 
 def default_scale(d_k: int) -> float:
     return 1.0 / math.sqrt(d_k)
-
-
-def token_grid(n_tokens: int) -> tuple[tuple[int, int], int]:
-    """(grid, prefix) of a token sequence without a known layout: a square grid after one
-    CLS token or none, else one row.
-
-    >>> token_grid(197), token_grid(64), token_grid(12)
-    (((14, 14), 1), ((8, 8), 0), ((1, 12), 0))
-    """
-    for prefix in (1, 0):
-        side = math.isqrt(n_tokens - prefix)
-        if side * side == n_tokens - prefix:
-            return (side, side), prefix
-    return (1, n_tokens), 0
-
-
-class CapturableMHA(nn.MultiheadAttention):
-    """``nn.MultiheadAttention`` whose self-attention weights a capture (and head outputs an
-    edit) can see: it goes through :func:`attend` while either runs in this thread."""
-
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, *args, **kwargs):  # type: ignore[override]
-        plain = (
-            not observed()
-            or not (query is key is value)
-            or not self._qkv_same_embed_dim
-            or any(kwargs.get(m) is not None for m in ("key_padding_mask", "attn_mask"))
-            or len(args) > 0
-        )
-        if plain:
-            return super().forward(query, key, value, *args, **kwargs)
-        x = query if self.batch_first else query.transpose(0, 1)  # (B, L, E)
-        b, n, e = x.shape
-        qkv = nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.reshape(b, n, 3, self.num_heads, e // self.num_heads).permute(2, 0, 3, 1, 4)
-        grid, prefix = token_grid(n)
-        out = attend(self, q, k, v, similarity="dot", scale=default_scale(e // self.num_heads),
-                     bias=None, grid=grid, prefix=prefix)  # (B, h, L, d)
-        out = self.out_proj(out.transpose(1, 2).reshape(b, n, e))
-        record_extras(self, inputs=x, context=out)
-        return (out if self.batch_first else out.transpose(0, 1)), None
-
-
-def make_capturable(model: nn.Module) -> nn.Module:
-    """Let a capture see every ``nn.MultiheadAttention`` of ``model`` (idempotent): their
-    class becomes :class:`CapturableMHA`, nothing else changes."""
-    for m in model.modules():
-        if type(m) is nn.MultiheadAttention:
-            m.__class__ = CapturableMHA
-    return model

@@ -1,9 +1,7 @@
 """torchvision's Vision Transformers through ``get_model`` and the weights API.
 
-torchvision calls ``nn.MultiheadAttention`` with ``need_weights=False``. To see its
-weights, ``visattn.tracing.make_capturable`` swaps each instance's class for
-``CapturableMHA``: same parameters and state-dict keys, same output, and it
-computes per-head weights only while a capture (or a head edit) runs in the calling thread.
+Their ``nn.MultiheadAttention`` layers are captured like any other
+(:mod:`visattn.intercept`); the model is left as torchvision builds it.
 """
 from __future__ import annotations
 
@@ -13,7 +11,6 @@ import torchvision
 from torch import nn
 
 from visattn.models.registry import register_model
-from visattn.tracing import make_capturable
 
 TV_VITS = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")
 
@@ -32,7 +29,7 @@ def _factory(arch: str):
                                                  num_classes=cfg.num_classes)
         else:
             model = torchvision.models.get_model(arch, weights=cfg.weights)
-        return make_capturable(model)
+        return model
 
     return build
 
