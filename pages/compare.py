@@ -7,6 +7,7 @@ import streamlit as st
 from pages import _controls as controls, _pickers as pickers, _state as state
 from visattn import explain, maps
 from visattn.app import evaluation, figures, views
+from visattn.faithfulness import faithfulness_for
 
 METHODS = explain.METHODS
 PER_ROW = 3  # maps side by side
@@ -20,7 +21,7 @@ def explanation(model_key: str, image_sha: str, method: str, target: int, layer:
 @st.cache_data(max_entries=64, show_spinner=False)
 def faithfulness(model_key: str, image_sha: str, target: int, layer: str | None, names: tuple[str, ...],
                  _model, _tensor, _maps):
-    return evaluation.faithfulness_for(_model, _tensor, _maps, target)
+    return faithfulness_for(_model, _tensor, _maps, target)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)

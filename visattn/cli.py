@@ -1,4 +1,4 @@
-"""The ``visattn`` command line: train, eval, predict, explain, ablate, faithfulness, atlas, models."""
+"""The ``visattn`` command line: train, eval, predict, explain, ablate, faithfulness, atlas, export, models."""
 from __future__ import annotations
 
 import argparse
@@ -253,6 +253,19 @@ def cmd_atlas(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from visattn.checkpoint import atomic_write
+    from visattn.export import session_html
+    from visattn.zoo import load_model
+
+    model, meta = load_model(a.source)
+    page = session_html(model, meta, Path(a.image).read_bytes(), name=Path(a.image).name,
+                        layers=[a.layer] if a.layer else None, methods=tuple(a.methods) if a.methods is not None else None)
+    atomic_write(a.out, page.encode())
+    print(f"wrote {a.out} ({len(page.encode()) / 2**20:.2f} MB): opens offline in any browser")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visattn", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -343,6 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--cache")
     at.add_argument("--json", action="store_true", help="per head: corr, corr_full, points; sampling and timings")
     at.set_defaults(func=cmd_atlas)
+
+    ex = sub.add_parser("export", help="one self-contained HTML file of an Explore session (offline, no server)")
+    ex.add_argument("source", help="checkpoint, or torchvision:ARCH[:WEIGHTS]")
+    ex.add_argument("image")
+    ex.add_argument("--out", required=True, help="session.html")
+    ex.add_argument("--layer", help="one attention layer only (default: all)")
+    ex.add_argument("--methods", nargs="*", metavar="METHOD",
+                    help="explanation methods scored for faithfulness (default: all; none: just the random floor)")
+    ex.set_defaults(func=cmd_export)
     return p
 
 

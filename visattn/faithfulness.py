@@ -101,6 +101,32 @@ def random_map(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random(shape, dtype=np.float32)
 
 
+def faithfulness_for(model: nn.Module, tensor: torch.Tensor, maps: dict[str, np.ndarray], target: int,
+                     steps: int = 16, with_random: bool = True) -> dict[str, dict[str, Any]]:
+    """Deletion/insertion curves and AUCs of each (H, W) map for one image (one batched
+    call of ``visattn.faithfulness.deletion_insertion``), plus a random map as the floor.
+
+    Returns ``{method: {"deletion_auc", "insertion_auc", "deletion_curve",
+    "insertion_curve", "fractions"}}`` with floats and lists.
+    """
+    maps = dict(maps)
+    if with_random:
+        maps["random"] = random_map(tuple(tensor.shape[-2:]), seed=0)
+    if not maps:
+        return {}
+    names = list(maps)
+    stacked = np.stack([np.nan_to_num(np.asarray(maps[n], dtype=np.float32)) for n in names])
+    images = tensor.detach().expand(len(names), -1, -1, -1)
+    r = deletion_insertion(model, images, stacked, [int(target)] * len(names), steps=steps)
+    fractions = np.asarray(r["fractions"]).tolist()
+    return {
+        name: {"deletion_auc": float(r["deletion_auc"][i]), "insertion_auc": float(r["insertion_auc"][i]),
+               "deletion_curve": np.asarray(r["deletion_curve"][i]).tolist(),
+               "insertion_curve": np.asarray(r["insertion_curve"][i]).tolist(), "fractions": fractions}
+        for i, name in enumerate(names)
+    }
+
+
 def _randomise(module: nn.Module) -> None:
     """Re-initialise every parameter under ``module``: ``reset_parameters`` where a module
     has it, else Gaussian noise with each parameter's std (0.02 when zero or undefined)."""

@@ -1,6 +1,7 @@
 """Model-evaluation helpers of the Models and Compare pages: test-set accuracy and
-confusion, per-head statistics, one explanation method at a time, its deletion/insertion
-faithfulness and its cascading-randomisation sanity check."""
+confusion, per-head statistics, one explanation method at a time and its
+cascading-randomisation sanity check (the deletion/insertion scores of one image are
+``visattn.faithfulness.faithfulness_for``)."""
 from __future__ import annotations
 
 import math
@@ -103,34 +104,6 @@ def explain_one(model: nn.Module, tensor: torch.Tensor, method: str, target: int
 
     row = method_row(method)
     return row(model, tensor, target, layer=layer) if row.takes_layer else row(model, tensor, target)
-
-
-def faithfulness_for(model: nn.Module, tensor: torch.Tensor, maps: dict[str, np.ndarray], target: int,
-                     steps: int = 16, with_random: bool = True) -> dict[str, dict[str, Any]]:
-    """Deletion/insertion curves and AUCs of each (H, W) map for one image (one batched
-    call of ``visattn.faithfulness.deletion_insertion``), plus a random map as the floor.
-
-    Returns ``{method: {"deletion_auc", "insertion_auc", "deletion_curve",
-    "insertion_curve", "fractions"}}`` with floats and lists.
-    """
-    from visattn.faithfulness import deletion_insertion, random_map
-
-    maps = dict(maps)
-    if with_random:
-        maps["random"] = random_map(tuple(tensor.shape[-2:]), seed=0)
-    if not maps:
-        return {}
-    names = list(maps)
-    stacked = np.stack([np.nan_to_num(np.asarray(maps[n], dtype=np.float32)) for n in names])
-    images = tensor.detach().expand(len(names), -1, -1, -1)
-    r = deletion_insertion(model, images, stacked, [int(target)] * len(names), steps=steps)
-    fractions = np.asarray(r["fractions"]).tolist()
-    return {
-        name: {"deletion_auc": float(r["deletion_auc"][i]), "insertion_auc": float(r["insertion_auc"][i]),
-               "deletion_curve": np.asarray(r["deletion_curve"][i]).tolist(),
-               "insertion_curve": np.asarray(r["insertion_curve"][i]).tolist(), "fractions": fractions}
-        for i, name in enumerate(names)
-    }
 
 
 def sanity(model: nn.Module, tensor: torch.Tensor, target: int, method: str,
