@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 
 import streamlit as st
 
-from pages import _pickers, _state, compare, explore, learn, models, train
+from pages import _pickers, _state, atlas, compare, explore, learn, models, train
 
 
 class PageSpec(NamedTuple):
@@ -37,7 +37,19 @@ PAGES: tuple[PageSpec, ...] = (
     PageSpec("train", "Train", ":material/model_training:", train.main),
     PageSpec("models", "Models", ":material/leaderboard:", models.main),
     PageSpec("learn", "Learn", ":material/school:", learn.main),
+    PageSpec("atlas", "Atlas", ":material/scatter_plot:", atlas.main),
 )
+
+
+def page(spec: PageSpec, default: bool = False) -> st.Page:
+    """The ``st.Page`` of a page (also what ``st.switch_page`` is handed to open it)."""
+    return st.Page(functools.partial(_state.run, spec.main), title=spec.title, icon=spec.icon,
+                   url_path=spec.url_path, default=default)
+
+
+def switch_to(url_path: str) -> None:
+    """Open the page at ``url_path`` (``st.switch_page``)."""
+    st.switch_page(page(next(s for s in PAGES if s.url_path == url_path)))
 
 
 def main(start: str = "explore") -> None:
@@ -45,10 +57,6 @@ def main(start: str = "explore") -> None:
     picker, then the page the URL names (``start`` when it names none)."""
     st.set_page_config(layout="wide", page_title="visattn", page_icon=":material/visibility:")
     _state.init_state()
-    nav = st.navigation([
-        st.Page(functools.partial(_state.run, spec.main), title=spec.title, icon=spec.icon,
-                url_path=spec.url_path, default=spec.url_path == start)
-        for spec in PAGES
-    ])
+    nav = st.navigation([page(spec, default=spec.url_path == start) for spec in PAGES])
     _pickers.model_picker()
     nav.run()

@@ -1,6 +1,8 @@
 """Explore: click a point of the image; see where every layer and head looks from there."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from pages import _controls as controls, _pickers as pickers, _state as state
@@ -55,6 +57,17 @@ def query_free_overlays(model_key: str, image_sha: str, alpha: float, cmap: str,
     return [(title, overlay_jpeg(_analysis.image, m, alpha, cmap)) for title, m in items]
 
 
+def session_file(handle, choice) -> bytes:
+    """The offline HTML session of this image (``visattn export``); the slow methods are
+    left out of its faithfulness table for models that take minutes on this machine."""
+    from visattn import explain, export
+    from visattn.app import evaluation
+
+    methods = tuple(m for m, row in explain.METHODS.items() if not row.slow) \
+        if evaluation.is_heavy(handle.model, handle.meta) else None
+    return export.session_html(handle.model, handle.meta, choice.data, name=choice.name, methods=methods).encode()
+
+
 def main() -> None:
     st.title("Explore: what does each attention head look at?")
     handle = pickers.require_model()
@@ -90,13 +103,17 @@ def main() -> None:
             jpeg = grid_jpeg(handle.key, choice.sha, tuple(yx), alpha, cmap, tuple(shown), analysis)
             st.image(jpeg, caption="Rows: attention layers. Columns: heads, then their mean. One shared colour scale "
                                   "(attention weight); the cyan + marks the query.", output_format="JPEG")
-            c1, c2, _ = st.columns([1, 1, 2])
+            c1, c2, c3, _ = st.columns([1, 1, 1, 1])
             c1.download_button("Download figure (PNG)",
                                lambda: grid_figure_png(analysis, tuple(yx), alpha, cmap, tuple(shown)),
                                file_name="attention_layers_heads.png", mime="image/png", key="dl_png")
             c2.download_button("Download raw maps (NPZ)",
                                lambda: plotting.maps_to_npz(views.raw_maps(trace, analysis.probs, yx)),
                                file_name="attention_maps.npz", mime="application/octet-stream", key="dl_npz")
+            c3.download_button("Download offline session (HTML)", lambda: session_file(handle, choice),
+                               file_name=f"visattn_{Path(choice.name).stem}.html", mime="text/html", key="dl_html",
+                               help="One self-contained file: the prediction, every layer and head, the Q/K maps "
+                                    "for any query you click, rollout and faithfulness scores. Opens offline.")
 
         st.header("One layer, one head: how the scores are made")
         layer, head = controls.layer_head_selectors(trace)

@@ -101,7 +101,8 @@ def test_explore_upload_gives_predictions_and_overlays():
     assert len(at.image) >= 4  # the overlay grid, the similarity maps, the averaged/rollout overlays
     at.toggle(key="explore_interactive").set_value(True).run()  # similarity maps as plotly charts
     assert not at.exception and len(at.get("plotly_chart")) == 2, problems(at)
-    assert {b.label for b in at.get("download_button")} == {"Download figure (PNG)", "Download raw maps (NPZ)"}
+    assert {b.label for b in at.get("download_button")} == {"Download figure (PNG)", "Download raw maps (NPZ)",
+                                                             "Download offline session (HTML)"}
 
 
 @needs_checkpoint

@@ -336,10 +336,12 @@ def thumbnails(images: Tensor, side: int = THUMB) -> np.ndarray:
 
 def build_atlas(model: nn.Module, meta: dict[str, Any], split, *, n: int = 1000, seed: int = 0,
                 max_tokens: int = DEFAULT_MAX_TOKENS, method: str = "umap", layer: str | None = None,
-                head: int | None = None, cache: str | Path | None = None, refresh: bool = False) -> Atlas:
+                head: int | None = None, cache: str | Path | None = None, refresh: bool = False,
+                cached_only: bool = False) -> Atlas | None:
     """The atlas of ``n`` images of ``split`` (a :class:`visattn.data.Split`), from the
     disk cache when the same model weights, images and parameters were mapped before.
     ``layer`` and ``head`` choose the heads to embed (default: every head of every layer).
+    ``cached_only``: None instead of computing an atlas that is not cached.
 
     Under ``torchrun`` the extraction and the embeddings are shared between the
     processes; every process returns the same atlas, the first one writes the cache.
@@ -367,6 +369,8 @@ def build_atlas(model: nn.Module, meta: dict[str, Any], split, *, n: int = 1000,
     path = cache_path(key, cache)
     if path.exists() and not refresh:
         return load_atlas(path)
+    if cached_only:
+        return None
     rank, world = dist_info()
     t0 = time.perf_counter()
     layers = extract(model, x, max_tokens=max_tokens, seed=seed, rank=rank, world=world)

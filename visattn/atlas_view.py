@@ -48,7 +48,7 @@ def _traces(atlas: Atlas, hm: HeadMap, colour_by: str, show_legend: bool) -> lis
     t = _table = point_table(atlas, hm)
     values, _ = _colour_values(atlas, _table, colour_by)
     custom = np.stack([t["kind"], t["split_index"], t["row"], t["column"], t["label"], t["norm"], t["image"],
-                       t["token"]], axis=1)
+                       t["token"], np.full(len(t["kind"]), hm.head), np.arange(len(t["kind"]))], axis=1)
     kind_name = np.array(["query", "key"])[t["kind"]]
     hover = ("%{text} · image %{customdata[1]} (class %{customdata[4]})<br>row %{customdata[2]}, "
              "column %{customdata[3]} · norm %{customdata[5]:.2f}<extra></extra>")
@@ -79,7 +79,7 @@ def atlas_figure(atlas: Atlas, heads: list[HeadMap] | None = None, colour_by: st
     """Plotly scatter of ``heads`` (default: all) as small multiples, ``cols`` per row.
 
     Each point's ``customdata``: kind (0 query, 1 key), split index, row, column, label,
-    norm, atlas image index, token.
+    norm, atlas image index, token, head, and the point's index in ``HeadMap.xy``.
     """
     from plotly.subplots import make_subplots
 
@@ -140,3 +140,20 @@ def describe(atlas: Atlas) -> str:
 def summary_json(atlas: Atlas) -> dict[str, Any]:
     """What ``visattn atlas --json`` prints."""
     return {"images": int(len(atlas.indices)), "info": atlas.info, "heads": atlas.summary(), "description": describe(atlas)}
+
+
+def point_target(atlas: Atlas, hm: HeadMap, point: int) -> dict[str, Any]:
+    """Where Explore should open for point ``point`` of ``hm``: the image's index in the
+    split, the centre of its token's grid cell as relative (y, x) (the image centre for
+    a CLS/prefix token), the layer and head, and a caption.
+    """
+    t = point_table(atlas, hm)
+    grid = atlas.layers[hm.layer]["grid"]
+    row, col = int(t["row"][point]), int(t["column"][point])
+    yx = (0.5, 0.5) if row < 0 else ((row + 0.5) / grid[0], (col + 0.5) / grid[1])
+    kind = ("query", "key")[int(t["kind"][point])]
+    where = "the CLS token" if row < 0 else f"row {row}, column {col}"
+    return {"sample_index": int(t["split_index"][point]), "image": int(t["image"][point]), "query_yx": yx,
+            "layer": hm.layer, "head": hm.head, "kind": kind,
+            "caption": f"{kind} of test image {int(t['split_index'][point])} ({atlas.classes[int(t['label'][point])]}), "
+                       f"{where} of {hm.layer}'s {grid[0]}×{grid[1]} grid, head {hm.head}, norm {t['norm'][point]:.2f}"}
