@@ -14,6 +14,7 @@ VARIANTS = [(name, {}) for name in list_models()] + [
     ("sa_cnn", {"pos_encoding": "relative"}),
     ("sa_cnn", {"pos_encoding": "learned", "similarity": "cosine"}),
     ("sa_cnn", {"pos_encoding": "none", "depth": 2}),
+    ("sa_cnn", {"attn_stages": (0, 1, 1), "pos_encoding": "relative"}),
     ("hybrid_vit", {"cls_token": True}),
 ]
 
@@ -164,3 +165,37 @@ def test_model_is_left_uninstrumented() -> None:
     model, x = build("sa_cnn", {})
     capture(model, x)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_attn_stages_repeats_stack_blocks_and_old_configs_keep_their_names() -> None:
+    """An entry per block: (0, 1, 1) is one block on the 16×16 grid, two on the 8×8 grid; the
+    old one-block config keeps its parameter names (``stages.1.1``), so old checkpoints load."""
+    from visattn.models.attention import SpatialSelfAttention2d
+
+    def blocks(**cfg) -> dict[str, tuple[int, int]]:
+        with torch.device("meta"):
+            model = create_model("sa_cnn", widths=(8, 16, 16), heads=2, **cfg)
+        return {n: m.grid for n, m in model.named_modules() if isinstance(m, SpatialSelfAttention2d)}
+
+    assert blocks(attn_stages=(1,)) == {"stages.1.1": (8, 8)}
+    assert blocks(attn_stages=(0, 1, 1)) == {"stages.0.1": (16, 16), "stages.1.1": (8, 8), "stages.1.2": (8, 8)}
+    assert blocks(attn_stages=(1, 0), depth=2) == {"stages.0.1": (16, 16), "stages.0.2": (16, 16),
+                                                   "stages.1.1": (8, 8), "stages.1.2": (8, 8)}
+
+
+def test_flagship_recipe_has_three_attention_layers_over_two_grids() -> None:
+    """The model `make train-flagship` trains (its --set options, read from the Makefile)."""
+    import shlex
+    from pathlib import Path
+
+    from visattn.cli import parse_overrides
+    from visattn.models.attention import SpatialSelfAttention2d
+
+    line = next(l for l in (Path(__file__).parents[1] / "Makefile").read_text().splitlines() if l.startswith("FLAGSHIP ="))
+    words = shlex.split(line.partition("=")[2])
+    assert words[:2] == ["--model", "sa_cnn"]
+    sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+    with torch.device("meta"):
+        model = create_model("sa_cnn", **parse_overrides(sets))
+    grids = [m.grid for m in model.modules() if isinstance(m, SpatialSelfAttention2d)]
+    assert len(grids) >= 3 and len(set(grids)) >= 2, grids

@@ -206,3 +206,71 @@ def test_two_runs_with_one_output_name_do_not_mix(tmp_path: Path) -> None:
     assert third.wait(timeout=300) == 0, third.stdout.read()  # the kill freed the lock
     assert not lock.exists()
     load_checkpoint(out)
+
+
+def test_lookahead_run_resumes_exactly_and_ends_on_its_average(tmp_path: Path) -> None:
+    """With airbench's lookahead on, a run stopped after one epoch and resumed ends with the same
+    weights as one run straight through (the average travels in the state file), and the
+    recipe is recorded in the checkpoint."""
+    kw = dict(epochs=2, subset=768, eval_subset=100, lookahead=0.95, seed=5)
+    train(cfg(tmp_path / "ref.safetensors", **kw))
+    train(cfg(tmp_path / "run.safetensors", stop_after=1, **kw))
+    assert any(k.startswith("lookahead.") for k in _weights(tmp_path / "run.state.safetensors"))
+    _, meta = train(cfg(tmp_path / "run.safetensors", **kw), resume=True)
+    a, b = _weights(tmp_path / "ref.safetensors"), _weights(tmp_path / "run.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert meta["train_config"]["lookahead"] == 0.95 and meta["epochs"] == 2
+
+
+def test_lookahead_pulls_weights_onto_their_average() -> None:
+    from visattn.train import Lookahead
+
+    model = torch.nn.Linear(3, 2)
+    la = Lookahead(model, base=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    la.step(model, 4, total=10)  # not a 5th step: nothing happens
+    assert torch.equal(model.weight, start + 1.0)
+    la.step(model, 5, total=10)
+    d = 0.9**5 * 0.5**3
+    assert torch.allclose(model.weight, d * start + (1 - d) * (start + 1.0))
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    la.step(model, 10, total=10)  # the last step takes the average as it is
+    assert torch.allclose(model.weight, d * start + (1 - d) * (start + 1.0))
+
+
+def test_flips_alternate_from_the_first_epoch() -> None:
+    from visattn.train import flip_mask
+
+    masks = [flip_mask(1000, seed=7, epoch=e) for e in range(4)]
+    assert 400 < int(masks[0].sum()) < 600
+    assert bool((masks[0] ^ masks[1]).all()) and torch.equal(masks[0], masks[2]) and torch.equal(masks[1], masks[3])
+
+
+def test_translate_tta_is_airbench_six_views() -> None:
+    """``predict_logits`` with "translate" is the weighted mean of the six views, recomputed here."""
+    import torch.nn.functional as F
+
+    from visattn.models import create_model
+    from visattn.train import predict_logits
+
+    torch.manual_seed(0)
+    model = create_model("sa_cnn", **TINY).eval()
+    model.head.scale = 1000.0  # logits of order one, so the tolerances below mean something
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    x = (images.float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    with torch.no_grad():
+        def both(v: torch.Tensor) -> torch.Tensor:
+            return (model(v) + model(v.flip(-1))) / 2
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        expected = both(x) / 2 + both(padded[..., :32, :32]) / 4 + both(padded[..., 2:, 2:]) / 4
+    got = predict_logits(model, images, mean, std, batch_size=4, tta="translate")
+    assert expected.abs().mean() > 0.1
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert torch.allclose(predict_logits(model, images, mean, std, tta=True), both(x), atol=1e-4)
+    assert not torch.allclose(got, predict_logits(model, images, mean, std), atol=1e-2)
+    with pytest.raises(ValueError, match="unknown test-time augmentation"):
+        predict_logits(model, images, mean, std, tta="rotate")

@@ -41,11 +41,14 @@ def cmd_train(a: argparse.Namespace) -> int:
 def reproduce_command(meta: dict[str, Any]) -> str:
     """The ``visattn train`` command that made a checkpoint, from its saved training config."""
     cfg = meta.get("train_config") or {}
-    defaults = {"lr": 0.4, "optimizer": "sgd", "weight_decay": 5e-4, "batch_size": 512}
+    from visattn.train import TrainConfig
+
+    defaults = TrainConfig()
+    recipe = ("init", "optimizer", "lr", "weight_decay", "batch_size", "label_smoothing", "cutout", "lookahead", "seed")
     parts = [f"visattn train --model {meta['model']}"]
     parts += [f"--set \"{k}={tuple(v) if isinstance(v, list) else v}\"" for k, v in cfg.get("model_config", {}).items()]
-    parts += [f"--{k.replace('_', '-')} {cfg[k]}" for k in ("init", "optimizer", "lr", "weight_decay", "batch_size")
-              if k in cfg and cfg[k] is not None and cfg[k] != defaults.get(k)]
+    parts += [f"--{k.replace('_', '-')} {cfg[k]}" for k in recipe
+              if k in cfg and cfg[k] is not None and cfg[k] != getattr(defaults, k)]
     parts += [f"--epochs {cfg.get('epochs')}", f"--out {cfg.get('out')}"]
     return " ".join(parts)
 
@@ -277,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override, repeatable")
     t.add_argument("--resume", action="store_true", help="continue from OUT's .state.safetensors")
     for name, typ in [("optimizer", str), ("epochs", int), ("batch-size", int), ("lr", float), ("weight-decay", float), ("label-smoothing", float),
-                      ("cutout", int), ("init", str), ("subset", int), ("eval-subset", int), ("seed", int), ("cache", str), ("stop-after", int),
+                      ("cutout", int), ("lookahead", float), ("init", str), ("subset", int), ("eval-subset", int), ("seed", int), ("cache", str), ("stop-after", int),
                       ("probe", str)]:
         t.add_argument(f"--{name}", type=typ)
     t.add_argument("--compile", action="store_true", default=None)
@@ -294,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("--data", default=None)
     e.add_argument("--n", type=int, default=0, help="evaluate on a fixed sample of N test images")
-    e.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    e.add_argument("--tta", nargs="?", const="flip", choices=["flip", "translate"],
+                   help="average with the mirror images (--tta or --tta flip), and with one-pixel shifts (--tta translate)")
     e.add_argument("--cache")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)

@@ -58,6 +58,8 @@ class TrainConfig:
     warmup: float = 0.15  # fraction of the steps spent rising to the peak; then linear decay to 0
     pad: int = 2  # random-translation pixels
     cutout: int = 0  # cutout square side (0: off)
+    lookahead: float = 0.0  # airbench's lookahead (0: off): every 5 steps the weights move onto an average
+    # of themselves that forgets at rate lookahead**5 * (step / total)**3; the last step takes the average
     subset: int = 0  # train on this many images only (0: all), for tests and quick looks
     eval_subset: int = 0  # evaluate on this many test images only (0: all)
     seed: int = 0
@@ -99,9 +101,36 @@ def dist_info() -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- evaluation
+TTA_MODES = ("", "flip", "translate")
+
+
+def _flip_average(model: nn.Module, x: Tensor) -> Tensor:
+    return 0.5 * (model(x).float() + model(x.flip(-1)).float())
+
+
+def _views(model: nn.Module, x: Tensor, tta: str) -> Tensor:
+    """Logits of one batch: plain; "flip": averaged with the mirror image; "translate": airbench's
+    six views, half weight on the flip pair, a quarter on each flip pair shifted one pixel
+    up-left and down-right (reflect padding)."""
+    if not tta:
+        return model(x).float()
+    logits = _flip_average(model, x)
+    if tta == "translate":
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]
+        logits = 0.5 * logits + 0.25 * sum(_flip_average(model, s.contiguous(memory_format=torch.channels_last))
+                                           for s in shifted)
+    return logits
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: Tensor, mean, std, batch_size: int = 1000, tta: bool = False) -> Tensor:
-    """Logits for uint8 images, batched; ``tta`` averages with the horizontally flipped view."""
+def predict_logits(model: nn.Module, images: Tensor, mean, std, batch_size: int = 1000, tta: str | bool = "") -> Tensor:
+    """Logits for uint8 images, batched; ``tta`` is "" (plain view), "flip" (True means this too)
+    or "translate" (flips and one-pixel shifts, as airbench)."""
+    tta = "flip" if tta is True else (tta or "")
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {tta!r}: use flip or translate")
     model.eval()
     device = next(model.parameters()).device
     out = []
@@ -110,15 +139,20 @@ def predict_logits(model: nn.Module, images: Tensor, mean, std, batch_size: int 
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x).float()
-            if tta:
-                logits = 0.5 * (logits + model(x.flip(-1)).float())
+            logits = _views(model, x, tta)
         out.append(logits.cpu())
     return torch.cat(out)
 
 
-def accuracy(model: nn.Module, split: Split, mean=CIFAR10_MEAN, std=CIFAR10_STD, tta: bool = False) -> float:
+def accuracy(model: nn.Module, split: Split, mean=CIFAR10_MEAN, std=CIFAR10_STD, tta: str | bool = "") -> float:
     return (predict_logits(model, split.images, mean, std, tta=tta).argmax(1) == split.labels).float().mean().item()
+
+
+def flip_mask(n: int, seed: int, epoch: int) -> Tensor:
+    """Which of ``n`` training images are mirrored in ``epoch`` (airbench's alternating flips):
+    a random half in epoch 0, then each image every other epoch."""
+    first = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+    return first ^ bool(epoch % 2)
 
 
 # ----------------------------------------------------------------------------- optimiser and schedule
@@ -141,9 +175,40 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (step / rise if step < rise else max(0.0, (total - step) / max(1, total - rise)))
 
 
+class Lookahead:
+    """airbench94's lookahead: an average of the weights (and BatchNorm statistics) that the
+    trained weights are pulled back onto every ``EVERY`` steps; it forgets faster early on."""
+
+    EVERY = 5
+
+    def __init__(self, model: nn.Module, base: float) -> None:
+        self.base = base
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    def decay(self, step: int, total: int) -> float:
+        """How much of the average the weights keep after ``step`` of ``total`` (1 at the end)."""
+        return 1.0 if step >= total else self.base**self.EVERY * (step / total) ** 3
+
+    @torch.no_grad()
+    def step(self, model: nn.Module, step: int, total: int) -> None:
+        """Call after each optimiser step, ``step`` counted from 1."""
+        if step % self.EVERY and step < total:
+            return
+        state = model.state_dict()
+        decay = self.decay(step, total)
+        for k, avg in self.average.items():
+            avg.lerp_(state[k], 1.0 - decay)
+            state[k].copy_(avg)
+
+
 # ----------------------------------------------------------------------------- saving and resuming
-def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, cfg: TrainConfig, log: dict) -> None:
+def save_state(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, cfg: TrainConfig, log: dict,
+    lookahead: Lookahead | None = None,
+) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if lookahead is not None:
+        tensors.update({f"lookahead.{k}": v for k, v in lookahead.average.items()})
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
@@ -151,11 +216,16 @@ def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: 
     atomic_write(path, tensors_to_bytes(tensors, {"epoch": epoch, "train": asdict(cfg), "log": log}))
 
 
-def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, dict]:
+def load_state(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, lookahead: Lookahead | None = None
+) -> tuple[int, dict]:
     data = path.read_bytes()
     _, meta = read_header(data)
     tensors = st_load(data)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if lookahead is not None:
+        for k, avg in lookahead.average.items():
+            avg.copy_(tensors[f"lookahead.{k}"])
     sd = opt.state_dict()
     for k, v in tensors.items():
         if k.startswith("opt."):
@@ -278,9 +348,10 @@ def _train(cfg: TrainConfig, resume: bool, status: StatusFile | None) -> tuple[n
             stem.fit(normalise(train_split.images[:5000], mean, std))
     model = model.to(device, memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
-    start, log = 0, {"seconds": 0.0, "best": 0.0}
+    lookahead = Lookahead(model, cfg.lookahead) if cfg.lookahead else None
+    start, log = 0, {"seconds": 0.0, "cpu_seconds": 0.0, "best": 0.0}
     if resuming:
-        start, log = load_state(p["state"], model, opt)
+        start, log = load_state(p["state"], model, opt, lookahead)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     fwd = torch.compile(net) if cfg.compile else net
     images = train_split.images.to(device)
@@ -290,7 +361,6 @@ def _train(cfg: TrainConfig, resume: bool, status: StatusFile | None) -> tuple[n
     if steps_per_epoch == 0:
         raise TrainingError(f"{n} training images are fewer than one batch of {cfg.batch_size * world}")
     total = steps_per_epoch * cfg.epochs
-    base_flip = torch.rand(n, generator=torch.Generator().manual_seed(cfg.seed)) < 0.5
     metrics = p["metrics"].open("a") if rank == 0 else None
     end = min(cfg.epochs, start + cfg.stop_after) if cfg.stop_after else cfg.epochs
     clock = _Clock(steps=(end - start) * steps_per_epoch, epochs=end - start, eval_images=len(test_split),
@@ -303,8 +373,8 @@ def _train(cfg: TrainConfig, resume: bool, status: StatusFile | None) -> tuple[n
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # per-epoch: resumable exactly
         perm = torch.randperm(n, generator=gen)[: steps_per_epoch * cfg.batch_size * world]
         perm = perm.view(steps_per_epoch, world, cfg.batch_size)[:, rank]
-        flips = base_flip ^ bool(epoch % 2) if epoch else torch.rand(n, generator=gen) < 0.5  # flip alternation
-        t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+        flips = flip_mask(n, cfg.seed, epoch)
+        t0, cpu0, seen, loss_sum, correct = time.time(), time.process_time(), 0, 0.0, 0
         last_line = last_probe = t0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if rank == 0 else True)
         for i in bar:
@@ -326,6 +396,8 @@ def _train(cfg: TrainConfig, resume: bool, status: StatusFile | None) -> tuple[n
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if lookahead is not None:
+                lookahead.step(model, step + 1, total)
             seen += len(y)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
@@ -345,6 +417,7 @@ def _train(cfg: TrainConfig, resume: bool, status: StatusFile | None) -> tuple[n
                 status.write("training", step + 1, total, eta=clock.eta(), epoch=epoch + 1, epochs=cfg.epochs)
         seconds = time.time() - t0
         log["seconds"] += seconds
+        log["cpu_seconds"] = log.get("cpu_seconds", 0.0) + time.process_time() - cpu0  # process CPU (shared machine)
         if rank == 0:
             status.write("evaluating", step + 1, total, eta=clock.eta(), message=f"testing on {len(test_split)} images",
                          epoch=epoch + 1, epochs=cfg.epochs, force=True)
@@ -355,7 +428,8 @@ def _train(cfg: TrainConfig, resume: bool, status: StatusFile | None) -> tuple[n
             line = {
                 "type": "epoch", "epoch": epoch + 1, "epochs": cfg.epochs, "step": step + 1, "total_steps": total,
                 "loss": loss_sum / seen, "train_acc": correct / seen, "test_acc": acc, "lr": lr_at(step + 1, total, cfg),
-                "img_per_s": seen * world / seconds, "seconds": log["seconds"], "probe": probe(model, probe_x),
+                "img_per_s": seen * world / seconds, "seconds": log["seconds"],
+                "cpu_seconds": log["cpu_seconds"], "probe": probe(model, probe_x),
             }
             _write(metrics, line)
             meta = save_checkpoint(
@@ -364,7 +438,7 @@ def _train(cfg: TrainConfig, resume: bool, status: StatusFile | None) -> tuple[n
                 epochs=before["epochs"] + epoch + 1, train_seconds=round(before["train_seconds"] + log["seconds"], 1),
                 hardware=hardware(), train_config=asdict(cfg),
             )
-            save_state(p["state"], model, opt, epoch + 1, cfg, log)
+            save_state(p["state"], model, opt, epoch + 1, cfg, log, lookahead)
             print(f"epoch {epoch + 1}: loss {line['loss']:.3f} test acc {acc:.4f} ({line['img_per_s']:.0f} img/s)", flush=True)
     if metrics:
         metrics.close()

@@ -15,8 +15,10 @@ class SACNNConfig:
     num_classes: int = 10
     image_size: int = 32  # input side; fixes the grids of learned/relative encodings
     widths: tuple[int, ...] = (32, 128, 256)  # channels of each conv stage (each halves H, W)
-    attn_stages: tuple[int, ...] = (1,)  # stages followed by attention blocks
-    depth: int = 1  # attention blocks after each of those stages
+    # stages followed by attention blocks, one entry per block: (0, 1, 1) puts one block on the
+    # 16×16 grid and two on the 8×8 grid of a 32×32 input
+    attn_stages: tuple[int, ...] = (1,)
+    depth: int = 1  # attention blocks per entry of attn_stages
     heads: int = 4
     similarity: str = "dot"  # "dot" (÷√d_k) or "cosine" (learned temperature)
     pos_encoding: str = "sinusoidal"  # "none", "sinusoidal", "learned", "relative"
@@ -37,7 +39,7 @@ class SACNN(nn.Module):
                     SpatialSelfAttention2d(
                         width, cfg.heads, (side, side), cfg.similarity, cfg.pos_encoding, cfg.gate_init
                     )
-                    for _ in range(cfg.depth)
+                    for _ in range(cfg.depth * cfg.attn_stages.count(i))
                 ]
             stages.append(nn.Sequential(*layers))
             c_in = width
