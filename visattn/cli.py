@@ -40,9 +40,9 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def reproduce_command(meta: dict[str, Any]) -> str:
     """The ``visattn train`` command that made a checkpoint, from its saved training config."""
-    cfg = meta.get("train_config") or {}
     from visattn.train import TrainConfig
 
+    cfg = meta.get("train_config") or {}
     defaults = TrainConfig()
     recipe = ("init", "optimizer", "lr", "weight_decay", "batch_size", "label_smoothing", "cutout", "lookahead", "seed")
     parts = [f"visattn train --model {meta['model']}"]
