@@ -8,11 +8,13 @@ analysis of that image by that model.
   session: pages only use ``visattn.capture`` (thread-safe) and ``visattn.explain``
   (which locks) on them, never ``.train()`` or hooks.
 * :func:`image_source`: a test-set sample (with its true label) or an upload.
-* :func:`analysis_for`: one forward pass per (model key, image sha256), cached; changing
-  the query, layer, head, opacity or colormap never runs the model again.
+* :func:`analysis_for`: one forward pass per (model key, image sha256), kept in a
+  byte-bounded memo (:func:`analyses`); changing the query, layer, head, opacity or
+  colormap never runs the model again.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from torch import nn
 from pages._state import IMAGE_SOURCES, guard, init_state, log, one_line, persistent
 from visattn import inference, paths, zoo
 from visattn.app import views
+from visattn.app.memo import ByteLRU
 from visattn.checkpoint import MAX_CHECKPOINT_BYTES
 from visattn.errors import VisattnError
 from visattn.image_io import MAX_BYTES, MAX_PIXELS
@@ -196,9 +199,11 @@ def image_source(key: str = "image") -> ImageChoice | None:
     return choice
 
 
-@st.cache_resource(max_entries=32, show_spinner=False)
-def _analyse(model_key: str, image_sha: str, _model: nn.Module, _meta: dict[str, Any], _data: bytes):
-    return inference.analyse(_model, _meta, _data)
+@st.cache_resource(show_spinner=False)
+def analyses() -> ByteLRU:
+    """The analyses of this server process, by (model key, image sha256), bounded by bytes:
+    ``$VISATTN_ANALYSIS_CACHE_MB`` (default 512)."""
+    return ByteLRU(int(float(os.environ.get("VISATTN_ANALYSIS_CACHE_MB") or 512) * 2**20))
 
 
 def analysis_for(handle: ModelHandle, choice: ImageChoice):
@@ -206,7 +211,9 @@ def analysis_for(handle: ModelHandle, choice: ImageChoice):
     after showing one ``st.error`` line (bad image)."""
     try:
         with st.spinner("Running the model…"):
-            return _analyse(handle.key, choice.sha, handle.model, handle.meta, choice.data)
+            return analyses().get((handle.key, choice.sha),
+                                  lambda: inference.analyse(handle.model, handle.meta, choice.data),
+                                  size=lambda a: a.nbytes)
     except VisattnError as e:
         st.error(one_line(e))
     except Exception as e:

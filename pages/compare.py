@@ -113,7 +113,7 @@ def main() -> None:
                 layer_note = f" · layer {cam_layer}" if name == "grad_cam" else ""
                 st.caption(f"computed in {e.seconds:.2f} s{layer_note} · scaled from min (dark) to max (bright)")
                 score_slots[name] = st.empty()
-                if checked and checked[0][:4] == (handle.key, choice.sha, target_idx, name):
+                if checked and checked[0] == (handle.key, choice.sha, target_idx, name, layer_of.get(name)):
                     rho, suspicious = checked[1]
                     st.markdown(f"sanity check: final ρ = {rho[-1][1]:.2f} · "
                                 + ("**suspicious**: barely changed by random weights" if suspicious else "passed"))

@@ -328,6 +328,15 @@ def test_compare_scores_each_map_beside_it_per_attention_layer():
     at.button(key="sanity_run").click().run()
     assert not at.exception and not at.error, (problems(at), errors(at))
     assert sum(m.value.startswith("sanity check: final ρ") for m in at.markdown) == 1
+    at.selectbox(key="sanity_method").set_value("attention")  # checked on the first layer ...
+    at.button(key="sanity_run").click().run()
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    verdicts = [m.value for m in at.markdown if m.value.startswith("sanity check: final ρ")]
+    assert len(verdicts) == 1 and (at.success or at.warning)
+    at.selectbox(key="_w_attn_layer").set_value(layers[-1]).run()  # ... says nothing of the last one
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    assert not any(m.value.startswith("sanity check: final ρ") for m in at.markdown)
+    assert not at.success and not at.warning
 
 
 @needs_checkpoint

@@ -2,7 +2,6 @@
 hand-built model, token layers, flags restored, and no cross-talk between threads."""
 from __future__ import annotations
 
-import doctest
 import threading
 
 import numpy as np
@@ -157,10 +156,6 @@ def test_threads_share_a_model_without_cross_talk(tiny):
             np.testing.assert_allclose(m, expected[i], rtol=1e-5, atol=1e-9)
     assert not any(m._forward_hooks or isinstance(m, explain._GridProbe) for m in tiny.modules())
 
-
-def test_docstring_examples(tiny):
-    globs = {"model": tiny, "image": images(1), "create_model": create_model, "torch": torch}
-    assert doctest.testmod(explain, extraglobs=globs).failed == 0
 
 
 def test_grad_cam_on_a_vit_block_uses_the_grid_its_attention_site_records():

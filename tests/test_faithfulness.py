@@ -2,7 +2,6 @@
 number of forwards, the random floor, cascading randomisation and the method table."""
 from __future__ import annotations
 
-import doctest
 import math
 
 import numpy as np
@@ -155,11 +154,6 @@ def test_attention_is_scored_per_layer():
     with pytest.raises(VisattnError, match="no attention layer"):
         attention_map(model, x[:1], 0, layer="nope")
 
-
-def test_docstring_examples(tiny):
-    x = torch.rand(4, 3, SIDE, SIDE)
-    globs = {"model": tiny, "image": x[:1], "images": x, "maps": random_map((4, SIDE, SIDE)), "targets": [0, 1, 2, 3]}
-    assert doctest.testmod(faithfulness, extraglobs=globs).failed == 0
 
 
 def test_sanity_check_refuses_what_does_not_apply():

@@ -95,21 +95,17 @@ def cmd_models(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    import torch
-
     from visattn.checkpoint import load_checkpoint
     from visattn.data import load_split
-    from visattn.train import predict_logits
+    from visattn.train import confusion_matrix, per_class_accuracy, predict_logits
 
     model, meta = load_checkpoint(a.checkpoint)
     split = load_split(a.data, "test", cache=a.cache)
     if a.n:
         split = split.subset(a.n)
     pred = predict_logits(model, split.images, meta["mean"], meta["std"], tta=a.tta).argmax(1)
-    k = len(split.classes)
-    confusion = torch.zeros(k, k, dtype=torch.int64)
-    confusion.index_put_((split.labels, pred), torch.ones_like(pred), accumulate=True)
-    per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+    confusion = confusion_matrix(split.labels, pred, len(split.classes))
+    per_class = per_class_accuracy(confusion).tolist()
     result = {"checkpoint": str(a.checkpoint), "images": len(split), "accuracy": (pred == split.labels).float().mean().item(),
               "per_class": dict(zip(split.classes, per_class)), "confusion": confusion.tolist(), "tta": a.tta}
     if a.json:

@@ -294,8 +294,9 @@ def _from_trace(name: str, model: nn.Module, image: Tensor, target: int | None,
 
 
 def _received(site: AttentionSite) -> np.ndarray:
-    p = site.prefix
-    return site.full_weights(0)[:, p:, p:].float().mean(dim=(0, 1)).reshape(site.grid).cpu().numpy()
+    from visattn.maps import received_attention
+
+    return received_attention(site, 0).mean(0)
 
 
 def attention_map(model: nn.Module, image: Tensor, target: int | None = None,

@@ -49,6 +49,11 @@ class Analysis:
     def predicted(self) -> int:
         return int(self.probs.argmax())
 
+    @property
+    def nbytes(self) -> int:
+        """Memory it holds: the trace (``Trace.nbytes``), the image, the input and the probabilities."""
+        return self.trace.nbytes + self.image.nbytes + self.tensor.untyped_storage().nbytes() + self.probs.nbytes
+
 
 def prepare(source: Source, meta: dict[str, Any]) -> tuple[np.ndarray, Tensor]:
     """Load (refusing bad files with ImageError; big photos decoded reduced, see
@@ -68,8 +73,10 @@ def analyse_tensor(model: nn.Module, meta: dict[str, Any], image: np.ndarray, te
 def analyse(model: nn.Module, meta: dict[str, Any], source: Source) -> Analysis:
     """Load an image and capture the model's prediction and attention on it.
 
-    >>> model, meta = load_checkpoint("checkpoints/sa_cnn.safetensors")
-    >>> analyse(model, meta, "cat.jpg").top(3)
+    Example::
+
+        model, meta = load_checkpoint("checkpoints/sa_cnn.safetensors")
+        analyse(model, meta, "cat.jpg").top(3)  # [(class, probability), ...]
     """
     return analyse_tensor(model, meta, *prepare(source, meta))
 
@@ -86,13 +93,12 @@ def predict_image(model: nn.Module, meta: dict[str, Any], source: Source, k: int
 def layer_head_maps(analysis: Analysis, query: int | None = None) -> dict[str, np.ndarray]:
     """``{layer: (heads, H, W)}``: each head's attention for ``query`` (token index), or,
     when ``query`` is None, the attention each grid token receives averaged over queries."""
-    from visattn.maps import query_maps
+    from visattn.maps import query_maps, received_attention
 
     out = {}
     for name, site in analysis.trace.attention.items():
         if query is None:
-            w = site.full_weights(0)[:, site.prefix :, site.prefix :].mean(1)  # (heads, grid tokens)
-            out[name] = w.reshape(site.heads, *site.grid).float().cpu().numpy()
+            out[name] = received_attention(site, 0)
         else:
             out[name] = query_maps(site, 0, min(query, site.q.shape[2] - 1))["attention"]
     return out

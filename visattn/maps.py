@@ -41,20 +41,7 @@ def _row_blocks(site: AttentionSite, b: int, start: int = 0) -> Iterator[tuple[i
     step = n if site.weights is not None else _CHUNK
     for s in range(start, n, step):
         stop = min(s + step, n)
-        if site.weights is not None:
-            rows = site.weights[b, :, s:stop]
-        else:
-            rows = _on_demand_rows(site, b, s, stop)
-        yield s, rows.float()
-
-
-def _on_demand_rows(site: AttentionSite, b: int, start: int, stop: int) -> Tensor:
-    """``site.row`` for queries ``start..stop-1`` at once: (heads, Q, N), vectorised by vmap."""
-    queries = torch.arange(start, stop)
-    try:
-        return torch.func.vmap(lambda i: site.row(b, i), out_dims=1)(queries)
-    except (RuntimeError, NotImplementedError):  # a row() vmap cannot batch: one query at a time
-        return torch.stack([site.row(b, int(i)) for i in queries], dim=1)
+        yield s, site.rows(b, s, stop).float()
 
 
 def query_maps(site: AttentionSite, b: int, query: int) -> dict[str, np.ndarray]:
@@ -85,6 +72,20 @@ def query_maps(site: AttentionSite, b: int, query: int) -> dict[str, np.ndarray]
     maps = {name: _np(_to_grid(site, r)) for name, r in rows.items()}
     maps["attention_mean"] = maps["attention"].mean(0)
     return maps
+
+
+def received_attention(site: AttentionSite, b: int = 0) -> np.ndarray:
+    """(heads, H, W): the attention each grid token receives, averaged over the grid
+    queries (prefix tokens left out as queries and as keys); ``.mean(0)`` is the head mean.
+    Rows come a block at a time, so a site over the memory budget never holds all of them.
+
+    >>> received_attention(trace.attention["stages.1.1"]).shape
+    (4, 8, 8)
+    """
+    total = torch.zeros(site.heads, site.q.shape[2])
+    for _, rows in _row_blocks(site, b, start=site.prefix):
+        total += rows.sum(1).cpu()
+    return _np(_to_grid(site, total / max(site.q.shape[2] - site.prefix, 1)))
 
 
 def grid_index(site: AttentionSite, y: float, x: float) -> int:
@@ -145,7 +146,7 @@ def rollout(
     renormalise rows; then multiply the layers in order (deepest on the left). Only
     the trailing run of consecutive sites with the same token count takes part.
 
-    >>> joint = rollout(trace, b=0)  # hybrid_vit on 32×32: 64 tokens
+    >>> joint = rollout(hybrid_trace, b=0)  # hybrid_vit on 32×32: 64 tokens
     >>> joint.shape, bool(np.allclose(joint.sum(-1), 1.0, atol=1e-5))
     ((64, 64), True)
     """
@@ -170,7 +171,7 @@ def rollout_map(
 ) -> np.ndarray:
     """Rollout as a (H, W) map in [0, 1]: the CLS row over grid tokens, or the column mean.
 
-    >>> rollout_map(trace, b=0).shape  # hybrid_vit on 32×32
+    >>> rollout_map(hybrid_trace, b=0).shape  # hybrid_vit on 32×32
     (8, 8)
     """
     sites = _as_sites(trace_or_sites)

@@ -201,7 +201,7 @@ def to_jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
     """JPEG bytes without chroma subsampling (sharp coloured text and grid edges); about a
     fifth of the PNG encoder's time, which matters for panels redrawn on every click.
 
-    >>> to_jpeg(np.zeros((2, 2, 3), np.uint8)).startswith(b"\xff\xd8")
+    >>> to_jpeg(np.zeros((2, 2, 3), np.uint8))[:2] == bytes([0xFF, 0xD8])
     True
     """
     buf = io.BytesIO()

@@ -40,6 +40,7 @@ def probe(model: nn.Module, images: Tensor) -> dict[str, dict[str, Any]]:
     for every self-attention layer of ``model`` on normalised ``images`` (B, 3, H, W).
     Runs in eval mode and restores the model's training mode; the model is not changed."""
     from visattn import capture
+    from visattn.maps import received_attention
 
     was_training = model.training
     model.eval()
@@ -51,9 +52,8 @@ def probe(model: nn.Module, images: Tensor) -> dict[str, dict[str, Any]]:
     for name, s in sites.items():
         rows = torch.stack([s.full_weights(b) for b in range(len(images))])  # (B, heads, N, N)
         rows = rows[:, :, s.prefix :]  # the grid tokens' queries, over every key
-        received = rows[0, :, :, s.prefix :].float().mean(0).mean(0)  # (grid tokens,)
         out[name] = {
-            "received": received.reshape(s.grid).cpu().tolist(),
+            "received": received_attention(s, 0).mean(0).tolist(),
             "entropy": row_entropy(rows).mean().item(),
             "uniform": math.log(s.k.shape[2]),
         }

@@ -73,29 +73,36 @@ class AttentionSite:
     def heads(self) -> int:
         return self.q.shape[1]
 
-    def logits(self, b: int, query: int) -> Tensor:
-        """Pre-softmax scores of one query against every key: (heads, N)."""
-        q, k = self.q[b, :, query], self.k[b]  # (h, d), (h, N, d)
+    def logit_rows(self, b: int, start: int, stop: int) -> Tensor:
+        """Pre-softmax scores of queries ``start..stop-1`` against every key: (heads, Q, N)."""
+        q, k = self.q[b, :, start:stop], self.k[b]  # (h, Q, d), (h, N, d)
         if self.similarity == "cosine":
             q = torch.nn.functional.normalize(q, dim=-1)
             k = torch.nn.functional.normalize(k, dim=-1)
-        s = torch.einsum("hd,hnd->hn", q.float(), k.float()) * self.scale
+        s = torch.einsum("hqd,hnd->hqn", q.float(), k.float()) * self.scale
         if self.bias is not None:
-            s = s + self.bias[:, query].float()
+            s = s + self.bias[:, start:stop].float()
         return s
+
+    def logits(self, b: int, query: int) -> Tensor:
+        """Pre-softmax scores of one query against every key: (heads, N)."""
+        return self.logit_rows(b, query, query + 1)[:, 0]
+
+    def rows(self, b: int, start: int = 0, stop: int | None = None) -> Tensor:
+        """Attention weights of queries ``start..stop-1`` (default: all) over every key:
+        (heads, Q, N); the kept weights, or computed from Q and K when over the budget."""
+        stop = self.q.shape[2] if stop is None else stop
+        if self.weights is not None:
+            return self.weights[b, :, start:stop]
+        return self.logit_rows(b, start, stop).softmax(-1)
 
     def row(self, b: int, query: int) -> Tensor:
         """Attention weights of one query over all keys, per head: (heads, N)."""
-        if self.weights is not None:
-            return self.weights[b, :, query]
-        return self.logits(b, query).softmax(-1)
+        return self.rows(b, query, query + 1)[:, 0]
 
     def full_weights(self, b: int) -> Tensor:
         """All weights of image ``b``: (heads, N, N), computed on demand if not kept."""
-        if self.weights is not None:
-            return self.weights[b]
-        n = self.q.shape[2]
-        return torch.stack([self.row(b, i) for i in range(n)], dim=1)
+        return self.rows(b)
 
 
 @dataclass
@@ -131,6 +138,17 @@ class Trace:
     logits: Tensor
     sites: dict[str, Site] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor storage this trace keeps alive: the logits and every site's tensors,
+        a storage shared by several of them (Q, K and V cut from one projection) counted once."""
+        storages = {}
+        for t in [self.logits, *(v for s in self.sites.values() for v in vars(s).values())]:
+            if isinstance(t, Tensor):
+                storage = t.untyped_storage()
+                storages[(t.device, storage.data_ptr())] = storage.nbytes()
+        return sum(storages.values())
 
     @property
     def attention(self) -> dict[str, AttentionSite]:

@@ -155,6 +155,26 @@ def flip_mask(n: int, seed: int, epoch: int) -> Tensor:
     return first ^ bool(epoch % 2)
 
 
+def confusion_matrix(labels: Tensor, pred: Tensor, k: int) -> Tensor:
+    """(k, k) int64 counts: rows the true class, columns the predicted one.
+
+    >>> confusion_matrix(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 0, 1, 2]), 3).tolist()
+    [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    """
+    confusion = torch.zeros(k, k, dtype=torch.int64)
+    confusion.index_put_((labels.cpu(), pred.cpu()), torch.ones_like(pred.cpu()), accumulate=True)
+    return confusion
+
+
+def per_class_accuracy(confusion: Tensor) -> Tensor:
+    """Recall of each class (k,) from a confusion matrix; 0 for a class with no image.
+
+    >>> per_class_accuracy(torch.tensor([[1, 0], [1, 1]])).tolist()
+    [1.0, 0.5]
+    """
+    return confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
+
+
 # ----------------------------------------------------------------------------- optimiser and schedule
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []

@@ -14,6 +14,7 @@ from torch import nn
 from visattn.errors import VisattnError
 from visattn.inference import input_size, model_inputs
 from visattn.tracing import capture
+from visattn.train import confusion_matrix, per_class_accuracy
 
 
 # ----------------------------------------------------------------------------- Models page
@@ -38,9 +39,8 @@ def evaluate_sample(model: nn.Module, meta: dict[str, Any], split, n: int = 1000
         preds.append(model(x).argmax(1).cpu())
     pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
     labels = split.labels[idx]
-    confusion = torch.zeros(k, k, dtype=torch.int64)
-    confusion.index_put_((labels, pred), torch.ones_like(pred), accumulate=True)
-    per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
+    confusion = confusion_matrix(labels, pred, k)
+    per_class = per_class_accuracy(confusion)
     return {
         "indices": idx.numpy(), "labels": labels.numpy(), "pred": pred.numpy(), "confusion": confusion.numpy(),
         "per_class": per_class.numpy(),

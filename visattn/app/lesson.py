@@ -63,6 +63,11 @@ class Lesson:
         return float(self.weights.sum())
 
 
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A float32 CPU copy outside autograd (sites of a CUDA model or a ``capture(grad=True)``)."""
+    return t.detach().float().cpu()
+
+
 def key_name(site: AttentionSite, token: int) -> str:
     cell = token_cell(site, token)
     return "CLS / extra token" if cell is None else f"row {cell[0]}, col {cell[1]}"
@@ -81,16 +86,16 @@ def lesson(site: AttentionSite, token: int, head: int, b: int = 0, top: int = 5)
         raise VisattnError(f"query token {token} outside 0..{n - 1}")
     if not 0 <= head < site.heads:
         raise VisattnError(f"head {head} outside 0..{site.heads - 1}")
-    q = site.q[b, head, token].float()
-    keys = site.k[b, head].float()  # (N, d_k)
-    values = site.v[b, head].float()  # (N, d_v)
+    q = _host(site.q[b, head, token])  # every number is recomputed on the CPU, wherever the model ran
+    keys = _host(site.k[b, head])  # (N, d_k)
+    values = _host(site.v[b, head])  # (N, d_v)
     dot = keys @ q
     cosine = F.normalize(keys, dim=-1) @ F.normalize(q, dim=0)
     scores = cosine if site.similarity == "cosine" else dot
-    bias = site.bias[head, token].float() if site.bias is not None else None
+    bias = _host(site.bias[head, token]) if site.bias is not None else None
     logits = scores * site.scale + (bias if bias is not None else 0.0)
     weights = logits.softmax(-1)
-    layer_weights = site.row(b, token)[head].float()
+    layer_weights = _host(site.row(b, token)[head])
     d_k = q.shape[0]
     textbook = (dot / math.sqrt(d_k)).softmax(-1)
     order = torch.argsort(weights, descending=True)[: min(top, n)].tolist()
@@ -108,11 +113,11 @@ def lesson(site: AttentionSite, token: int, head: int, b: int = 0, top: int = 5)
         grid=tuple(site.grid), prefix=site.prefix,
     )
     if site.inputs is not None:
-        les.inputs = site.inputs[b, token].float().cpu().numpy()
+        les.inputs = _host(site.inputs[b, token]).numpy()
     if site.context is not None:
-        les.context = site.context[b, token].float().cpu().numpy()
+        les.context = _host(site.context[b, token]).numpy()
     if site.outputs is not None and site.inputs is not None and site.context is not None:
-        les.outputs = site.outputs[b, token].float().cpu().numpy()
+        les.outputs = _host(site.outputs[b, token]).numpy()
         les.gate = float(site.gate)
         les.residual_error = float(np.abs(les.outputs - (les.inputs + les.gate * les.context)).max())
     return les

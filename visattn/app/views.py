@@ -180,11 +180,9 @@ def similarity_maps(site: AttentionSite, yx: tuple[float, float], head: int | No
 
 def received_maps(trace: Trace, b: int = 0) -> dict[str, np.ndarray]:
     """``{layer: (H, W)}``: attention each grid token receives, averaged over heads and queries."""
-    out = {}
-    for name, site in trace.attention.items():
-        w = site.full_weights(b)[:, site.prefix :, site.prefix :].float().mean(dim=(0, 1))
-        out[name] = w.reshape(site.grid).cpu().numpy()
-    return out
+    from visattn.maps import received_attention
+
+    return {name: received_attention(site, b).mean(0) for name, site in trace.attention.items()}
 
 
 def rollout_or_none(trace: Trace, b: int = 0, head_fusion: str = "mean") -> np.ndarray | None:
