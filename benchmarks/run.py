@@ -145,6 +145,37 @@ def bench_explain() -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- heads: ablation and relevance
+def bench_heads() -> list[dict]:
+    """Head importance (every head of the default model), one head-toggle rerun, and the
+    transformer relevance methods per image on hybrid_vit, each against a plain forward."""
+    from visattn import relevance
+    from visattn.ablation import ablate, head_importance
+
+    model, _ = default_model()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        plain = timeit(lambda: model(x), repeat=20)
+    layer = next(iter(capture(model, x).attention))
+    importance = timeit(lambda: head_importance(model, x), repeat=10, warmup=2)
+    toggle = timeit(lambda: ablate(model, x, {layer: [0]}), repeat=20)
+    rows = [{"what": "head importance, every head of the default model", "baseline": "plain forward",
+             "seconds": importance, "baseline_seconds": plain, "ratio": importance / plain, "target": "< 300 ms"},
+            {"what": "head toggle rerun (one head ablated)", "baseline": "plain forward", "seconds": toggle,
+             "baseline_seconds": plain, "ratio": toggle / plain, "target": "< 100 ms"}]
+    vit = create_model("hybrid_vit").eval()
+    path = ROOT / "checkpoints" / "hybrid_vit.safetensors"
+    if path.exists():
+        vit, _ = load_model(str(path))
+    with torch.no_grad():
+        vit_plain = timeit(lambda: vit(x), repeat=20)
+    for name in ("gae", "transformer_attribution"):
+        t = timeit(lambda: getattr(relevance, name)(vit, x), repeat=10, warmup=2)
+        rows.append({"what": f"relevance: {name} (hybrid_vit, one image)", "baseline": "plain forward",
+                     "seconds": t, "baseline_seconds": vit_plain, "ratio": t / vit_plain, "target": "< 5×"})
+    return rows
+
+
 # ----------------------------------------------------------------------------- the dashboard's server side
 def bench_dashboard(uploads: int = 8, clicks: int = 30) -> list[dict]:
     """Server-side time of Explore reruns: the page itself, timed around
@@ -301,7 +332,7 @@ def bench_sessions_section() -> list[dict]:
     return bench_sessions()
 
 
-SECTIONS = {"capture": bench_capture, "train": bench_train, "explain": bench_explain,
+SECTIONS = {"capture": bench_capture, "train": bench_train, "explain": bench_explain, "heads": bench_heads,
             "dashboard": bench_dashboard, "sessions": bench_sessions_section, "scaling": bench_scaling}
 
 

@@ -113,18 +113,22 @@ def test_models_lists_registry_and_shipped(capsys) -> None:
 def test_faithfulness_json_and_table_on_real_test_images(capsys) -> None:
     ckpt = str(ROOT / "checkpoints" / "hybrid_vit.safetensors")
     args = ["faithfulness", ckpt, "--data", str(DATA), "--n", "3", "--steps", "4"]
-    assert main([*args, "--json"]) == 0
+    assert main([*args, "--json", "--protocols"]) == 0
     r = json.loads(capsys.readouterr().out)
     layers = [k for k in r if k.startswith("attention (")]
-    assert len(layers) == 4 and {"rollout", "grad_cam", "saliency", "occlusion", "random"} <= set(r)
+    assert len(layers) == 4 and {"rollout", "gae", "transformer_attribution", "grad_cam", "saliency", "occlusion",
+                                 "random"} <= set(r)
     for scores in r.values():
         assert set(scores["baselines"]) == {"blur", "mean"}
         assert all(0 <= v <= 1 for b in scores["baselines"].values() for v in b.values())
-    assert main([*args, "--baselines", "mean"]) == 0
+    assert main([*args, "--baselines", "mean", "--protocols", "--methods", "rollout", "random"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].startswith("| method | deletion AUC ↓ | insertion AUC ↑") and len(table) == 2 + len(r)
-    assert main([*args, "--methods", "gae", "transformer_attribution", "--json"]) == 0
-    assert set(json.loads(capsys.readouterr().out)) == {"gae", "transformer_attribution"}
+    assert table[0].startswith("| method | deletion AUC ↓ | insertion AUC ↑ | s / image") and len(table) == 2 + 2
+    assert main([*args, "--methods", "gae", "transformer_attribution", "--json"]) == 0  # default: every protocol
+    r = json.loads(capsys.readouterr().out)
+    assert set(r) == {"gae", "transformer_attribution"}
+    for scores in r.values():
+        assert {"road_morf", "road_lerf", "road_combined", "positive_auc", "negative_auc"} <= set(scores)
     assert main([*args, "--methods", "nope"]) == 2 and "unknown method 'nope'" in capsys.readouterr().err
 
 @needs_data()

@@ -180,13 +180,14 @@ def test_method_table_is_complete_and_callable(tiny):
     """One row per method: its name, a label, the function it calls, slow or not, whether it
     takes a layer (then it accepts ``layer=``), and whether it needs attention."""
     assert list(explain.METHODS) == ["attention", "rollout", "gae", "transformer_attribution", "grad_cam",
-                                     "integrated_gradients", "saliency", "occlusion"]
+                                     "integrated_gradients", "saliency", "occlusion", "score_cam", "grad_cam_plus_plus",
+                                     "xgrad_cam", "layer_cam", "hires_cam", "eigen_cam"]
     assert len({m.label for m in explain.METHODS.values()}) == len(explain.METHODS)
-    assert {n for n, m in explain.METHODS.items() if m.slow} == {"integrated_gradients", "occlusion"}
+    assert {n for n, m in explain.METHODS.items() if m.slow} == {"integrated_gradients", "occlusion", "score_cam"}
     for name, m in explain.METHODS.items():
         assert m.name == name and explain.method(name) is m
         if m.takes_layer:
-            layer = "stages.1" if name == "grad_cam" else "stages.1.1"
-            check(m(tiny, images(1), 3, layer=layer, **FAST[name]), name)
+            layer = "stages.1.1" if m.needs_attention else "stages.1"
+            check(m(tiny, images(1), 3, layer=layer, **FAST.get(name, {})), name)
     with pytest.raises(ExplainError, match="unknown method"):
         explain.method("nope")

@@ -136,6 +136,27 @@ def test_evaluate_methods_and_table():
     assert header.count("(blur)") == 2 and header.count("(mean)") == 2
 
 
+def test_road_and_perturbation_beside_deletion_insertion():
+    """The same maps go to every protocol: the scores equal direct calls of visattn.perturbation
+    on the saliency and random maps, and saliency beats random on the region model."""
+    from visattn.perturbation import positive_negative, road
+
+    model, x = RegionModel(), region_images(2)
+    fill = [-1.0, -1.0, -1.0]
+    r = evaluate_methods(model, x, [0, 0], methods=("saliency", "random"), steps=4,
+                         protocols=("deletion_insertion", "road", "perturbation"), fill=fill)
+    rand = np.stack([random_map((SIDE, SIDE), seed=i) for i in range(2)])
+    want = {**{k: float(v.mean()) for k, v in road(model, x, rand, [0, 0]).items() if k.startswith("road")},
+            **{k: float(v) for k, v in positive_negative(model, x, rand, [0, 0], fill=fill).items() if k.endswith("auc")}}
+    assert {k: r["random"][k] for k in want} == pytest.approx(want)
+    s = r["saliency"]
+    assert s["road_morf"] < r["random"]["road_morf"] and s["road_combined"] > r["random"]["road_combined"]
+    assert s["positive_auc"] < r["random"]["positive_auc"]
+    assert "ROAD MoRF" in markdown_table(r).splitlines()[0] and "positive AUC" in markdown_table(r).splitlines()[0]
+    with pytest.raises(VisattnError, match="protocols"):
+        evaluate_methods(model, x, [0, 0], methods=("random",), protocols=("road",))
+
+
 def test_attention_is_scored_per_layer():
     """A model with several attention layers gets one row per layer, each from its own
     site's weights (so the maps differ), plus rollout."""

@@ -86,12 +86,13 @@ def test_no_side_effects_and_models_it_does_not_apply_to() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     modes = [m.training for m in model.modules()]
     x = torch.randn(1, 3, 32, 32)
-    gae(model, x)
-    transformer_attribution(model, x)
+    gae_tokens, ta_tokens = gae(model, x).tokens, transformer_attribution(model, x).tokens
     assert all(p.grad is None for p in model.parameters())
     assert [m.training for m in model.modules()] == modes
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    model.requires_grad_(False)  # frozen parameters (another thread's gradient method): same relevance
+    assert torch.allclose(gae(model, x).tokens, gae_tokens) and torch.allclose(transformer_attribution(model, x).tokens, ta_tokens)
     sa = create_model("sa_cnn", widths=(8, 16, 16), heads=2).eval()
     assert transformer_attribution(sa, torch.randn(1, 3, 32, 32)) is None  # blocks it does not know
     assert gae(sa, torch.randn(1, 3, 32, 32)).maps().shape == (1, 8, 8)  # any model the capture sees

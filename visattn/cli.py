@@ -170,10 +170,10 @@ def cmd_ablate(a: argparse.Namespace) -> int:
     import torch
 
     from visattn.ablation import ablate
-    from visattn.checkpoint import load_checkpoint
     from visattn.inference import prepare
+    from visattn.zoo import load_model
 
-    model, meta = load_checkpoint(a.source)
+    model, meta = load_model(a.source)
     heads = parse_heads(a.heads)
     _, x = prepare(Path(a.image).read_bytes(), meta)
     reference = torch.cat([prepare(Path(p).read_bytes(), meta)[1] for p in a.reference]) if a.reference else None
@@ -209,8 +209,9 @@ def cmd_faithfulness(a: argparse.Namespace) -> int:
     split = load_split(a.data, "test", cache=a.cache).subset(a.n)
     images = normalise(split.images, meta["mean"], meta["std"])
     methods = tuple(a.methods) if a.methods else None  # None: every method and the random floor
+    black = [-m / s for m, s in zip(meta["mean"], meta["std"])]
     results = evaluate_methods(model, images, split.labels, methods=methods, steps=a.steps,
-                               baselines=tuple(a.baselines))
+                               baselines=tuple(a.baselines), protocols=("deletion_insertion", *a.protocols), fill=black)
     print(json.dumps(results, indent=2) if a.json else markdown_table(results))
     return 0
 
@@ -313,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_explain)
 
     ab = sub.add_parser("ablate", help="logits and top-k before and after silencing attention heads")
-    ab.add_argument("source", help="a .safetensors checkpoint")
+    ab.add_argument("source", help="a .safetensors checkpoint, or torchvision:ARCH[:WEIGHTS]")
     ab.add_argument("image")
     ab.add_argument("--layer", required=True, help="an attention layer's name, e.g. stages.1.1 or blocks.0.attn")
     ab.add_argument("--heads", required=True, help="comma-separated head numbers, e.g. 0,2")
@@ -332,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--baselines", nargs="+", choices=("blur", "mean"), default=["blur", "mean"],
                    help="what removed pixels become: a strong blur, or the image's mean colour (each map scored "
                         "under each)")
+    f.add_argument("--protocols", nargs="*", choices=("road", "perturbation"), default=["road", "perturbation"],
+                   help="beside deletion/insertion: ROAD (noisy linear imputation, MoRF/LeRF) and Chefer et al.'s "
+                        "positive/negative perturbation; definitions in visattn/perturbation.py")
     f.add_argument("--methods", nargs="+", metavar="METHOD",
                    help="explanation methods to score (default: all), e.g. rollout gae transformer_attribution random")
     f.add_argument("--cache")

@@ -53,6 +53,11 @@ class Explanation:
     target: int
     seconds: float
 
+    @property
+    def constant(self) -> bool:
+        """True when the map holds one value: nothing to draw (say so instead of a flat colour)."""
+        return bool(self.map.size == 0 or float(self.map.max()) - float(self.map.min()) <= 1e-12)
+
 
 def model_lock(model: nn.Module) -> threading.RLock:
     """The re-entrant lock that gradient methods hold on ``model`` while they run."""
@@ -386,6 +391,21 @@ class Method:
         return self.fn(model, image, target, **options)
 
 
+def _cam(method: str) -> Callable[..., Explanation]:
+    """The per-image explanation function of a :mod:`visattn.cams` method."""
+    def explain_cam(model: nn.Module, image: Tensor, target: int | None = None,
+                    layer: nn.Module | str | None = None) -> Explanation:
+        from visattn.cams import cam_maps
+
+        t0, x = time.perf_counter(), _prepare(model, image).detach()
+        maps, targets = cam_maps(method, model, x, target, layer)
+        return _explanation(method, torch.as_tensor(maps[0]), targets[0], t0)
+
+    explain_cam.__name__ = explain_cam.__qualname__ = method
+    explain_cam.__doc__ = f"{method} through pytorch-grad-cam: see :func:`visattn.cams.cam_maps`."
+    return explain_cam
+
+
 #: Every explanation method, in the order the dashboard shows them.
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("attention", "Attention (received)", attention_map, takes_layer=True, needs_attention=True),
@@ -396,6 +416,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("integrated_gradients", "Integrated gradients", integrated_gradients, slow=True),
     Method("saliency", "Saliency", saliency),
     Method("occlusion", "Occlusion", occlusion, slow=True),
+    Method("score_cam", "Score-CAM", _cam("score_cam"), slow=True, takes_layer=True),
+    Method("grad_cam_plus_plus", "Grad-CAM++", _cam("grad_cam_plus_plus"), takes_layer=True),
+    Method("xgrad_cam", "XGrad-CAM", _cam("xgrad_cam"), takes_layer=True),
+    Method("layer_cam", "LayerCAM", _cam("layer_cam"), takes_layer=True),
+    Method("hires_cam", "HiRes-CAM", _cam("hires_cam"), takes_layer=True),
+    Method("eigen_cam", "Eigen-CAM", _cam("eigen_cam"), takes_layer=True),
 )}
 
 

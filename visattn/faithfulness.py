@@ -1,6 +1,7 @@
 """How faithful is an attribution map? Deletion/insertion curves (Petsiuk et al. 2018,
 RISE), a random-map floor, and the cascading model-randomisation sanity check
-(Adebayo et al. 2018).
+(Adebayo et al. 2018); ROAD and Chefer et al.'s positive/negative perturbation are in
+:mod:`visattn.perturbation` and scored here beside them.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torchvision.transforms.functional import gaussian_blur
 from visattn.errors import VisattnError
 
 RANDOM = "random"  # the floor: a fixed random map, scored beside the methods
+PROTOCOLS = ("deletion_insertion", "road", "perturbation")
 
 
 def _device(model: nn.Module, like: Tensor) -> torch.device:
@@ -218,19 +220,24 @@ def sanity_flag(correlations: list[tuple[str, float]], threshold: float = 0.5) -
 
 def evaluate_methods(model: nn.Module, images: Tensor, targets: Tensor | list[int] | None = None,
                      methods: tuple[str, ...] | None = None, steps: int = 16,
-                     baselines: tuple[str, ...] = ("blur",)) -> dict[str, dict[str, Any]]:
-    """Mean deletion/insertion AUC and map time per method over a batch of images.
+                     baselines: tuple[str, ...] = ("blur",), protocols: tuple[str, ...] = ("deletion_insertion",),
+                     fill: Tensor | list[float] | float = 0.0) -> dict[str, dict[str, Any]]:
+    """Mean deletion/insertion AUC (and other protocols' scores) and map time per method
+    over a batch of images.
 
     Methods that do not apply to the model (attention maps without attention) are left
     out; "attention" is scored per layer ("attention (name)") when there are several.
     Each map is computed once and scored under every baseline in ``baselines``
-    ("blur", "mean"); the top-level AUCs are the first baseline's.
+    ("blur", "mean"); the top-level AUCs are the first baseline's. The same maps go to the
+    other ``protocols`` (definitions in :mod:`visattn.perturbation`): "road" adds
+    ``road_morf``, ``road_lerf``, ``road_combined``; "perturbation" adds ``positive_auc``
+    and ``negative_auc`` (accuracy against ``targets``, pixels set to ``fill``).
 
     Args:
         model: classifier. images: (B, 3, H, W). targets: (B,); None: predicted classes.
         methods: names from ``visattn.explain.METHODS`` or "random"; None: all of them and
-            "random". steps: as for
-            :func:`deletion_insertion`.
+            "random". steps: as for :func:`deletion_insertion`. protocols: any of :data:`PROTOCOLS`.
+        fill: a black pixel in the model's input space (−mean/std per channel).
 
     >>> evaluate_methods(model, images, methods=("saliency", "random"))["random"].keys()
     dict_keys(['deletion_auc', 'insertion_auc', 'seconds_per_image', 'baselines'])
@@ -240,6 +247,9 @@ def evaluate_methods(model: nn.Module, images: Tensor, targets: Tensor | list[in
     if not baselines:
         raise VisattnError("at least one baseline is needed")
     methods = (*METHODS, RANDOM) if methods is None else methods
+    unknown = set(protocols) - set(PROTOCOLS)
+    if unknown or "deletion_insertion" not in protocols:
+        raise VisattnError(f"protocols must include deletion_insertion and come from {', '.join(PROTOCOLS)}")
     if targets is None:
         with torch.no_grad():
             targets = model(images.to(_device(model, images))).argmax(1)
@@ -260,8 +270,23 @@ def evaluate_methods(model: nn.Module, images: Tensor, targets: Tensor | list[in
         for b in baselines:
             r = deletion_insertion(model, images, stacked, targets, steps=steps, baseline=b)
             scores[b] = {"deletion_auc": float(r["deletion_auc"].mean()), "insertion_auc": float(r["insertion_auc"].mean())}
-        results[name] = {**scores[baselines[0]], "seconds_per_image": seconds / len(targets), "baselines": scores}
+        results[name] = {**scores[baselines[0]], "seconds_per_image": seconds / len(targets), "baselines": scores,
+                         **_other_protocols(model, images, stacked, targets, protocols, fill)}
     return results
+
+
+def _other_protocols(model: nn.Module, images: Tensor, maps: np.ndarray, targets: list[int],
+                     protocols: tuple[str, ...], fill: Tensor | list[float] | float) -> dict[str, float]:
+    from visattn.perturbation import positive_negative, road
+
+    out: dict[str, float] = {}
+    if "road" in protocols:
+        r = road(model, images, maps, targets)
+        out.update({k: float(r[k].mean()) for k in ("road_morf", "road_lerf", "road_combined")})
+    if "perturbation" in protocols:
+        r = positive_negative(model, images, maps, targets, fill=fill)
+        out.update({k: float(r[k]) for k in ("positive_auc", "negative_auc")})
+    return out
 
 
 def _map_makers(model: nn.Module, images: Tensor,
@@ -297,6 +322,10 @@ def _unknown(name: str):
     raise VisattnError(f"unknown method {name!r}; known: {', '.join((*METHODS, RANDOM))}")
 
 
+_EXTRA_COLUMNS = {"road_morf": "ROAD MoRF ↓", "road_lerf": "ROAD LeRF ↑", "road_combined": "ROAD combined ↑",
+                  "positive_auc": "positive AUC ↓", "negative_auc": "negative AUC ↑"}
+
+
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     """The results of :func:`evaluate_methods` as a Markdown table, best insertion first;
     one deletion and one insertion column per baseline.
@@ -310,9 +339,12 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     names = list(first.get("baselines", {})) if len(first.get("baselines", {})) > 1 else []
     head = [f"deletion AUC ↓ ({b})" for b in names] + [f"insertion AUC ↑ ({b})" for b in names] if names else \
         ["deletion AUC ↓", "insertion AUC ↑"]
+    extra = [k for k in _EXTRA_COLUMNS if k in first]
+    head += [_EXTRA_COLUMNS[k] for k in extra]
     lines = ["| method | " + " | ".join(head) + " | s / image |", "|---|" + "---:|" * (len(head) + 1)]
     for name, r in sorted(results.items(), key=lambda kv: -kv[1]["insertion_auc"]):
         cells = ([r["baselines"][b]["deletion_auc"] for b in names] + [r["baselines"][b]["insertion_auc"] for b in names]
                  if names else [r["deletion_auc"], r["insertion_auc"]])
+        cells += [r[k] for k in extra]
         lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {r['seconds_per_image']:.3f} |")
     return "\n".join(lines)

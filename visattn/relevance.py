@@ -90,7 +90,8 @@ def gae(model: nn.Module, images: Tensor, targets: Tensor | list[int] | int | No
     """
     from visattn.maps import _deepest_run
 
-    trace = capture(model, images.detach(), grad=True)
+    # the input requires grad, so the graph exists even while another thread has frozen the parameters
+    trace = capture(model, images.detach().clone().requires_grad_(), grad=True)
     if not trace.attention:
         return None
     sites = _deepest_run(list(trace.attention.values()))
@@ -256,7 +257,7 @@ def transformer_attribution(model: nn.Module, images: Tensor,
     with torch.no_grad():
         x0 = spec.embed(images.detach())
     with torch.enable_grad():
-        logits, _, plain = spec.forward(x0, _Ops(lrp=False))
+        logits, _, plain = spec.forward(x0.clone().requires_grad_(), _Ops(lrp=False))
         t = _targets(logits, targets)
         grads = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), plain)
         x = x0.clone().requires_grad_()
