@@ -6,7 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from pages import _controls as controls, _pickers as pickers, _state as state
-from visattn import maps, panels, plotting
+from visattn import ablation, maps, panels, plotting
 from visattn.app import figures, views
 
 
@@ -66,6 +66,46 @@ def session_file(handle, choice) -> bytes:
     methods = tuple(m for m, row in explain.METHODS.items() if not row.slow) \
         if evaluation.is_heavy(handle.model, handle.meta) else None
     return export.session_html(handle.model, handle.meta, choice.data, name=choice.name, methods=methods).encode()
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def head_importance_fig(model_key: str, image_sha: str, _model, _analysis):
+    """Layers × heads Δ probability of the predicted class, one forward per layer (cached per image)."""
+    effects = ablation.head_importance(_model, _analysis.tensor.to(next(_model.parameters()).device))
+    return figures.head_importance_figure(effects, _analysis.classes[effects.targets[0]])
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def ablated_probs(model_key: str, image_sha: str, off: tuple[tuple[str, int], ...], _model, _analysis):
+    """Class probabilities with the heads in ``off`` ablated: one forward, no capture."""
+    x = _analysis.tensor.to(next(_model.parameters()).device)
+    logits = ablation.ablate(_model, x, views.head_spec(list(off)))
+    return logits[0].float().softmax(-1).cpu().numpy()
+
+
+def head_lab(handle, choice, analysis) -> None:
+    """Head importance heatmap and head toggles that rerun the prediction without those heads."""
+    st.header("What each head does for the prediction")
+    if not st.toggle("Head lab: switch heads off and watch the prediction", key="explore_heads",
+                     help="Each head's output (its weights @ V) is replaced by zeros; one extra forward per layer."):
+        return
+    with state.guard("the head importance"), st.spinner("Ablating every head…"):
+        controls.show_fig(head_importance_fig(handle.key, choice.sha, handle.model, analysis), key="explore_importance")
+    options = [(layer, h) for layer, site in analysis.trace.attention.items() for h in range(site.heads)]
+    off = st.multiselect("Heads switched off", options, format_func=lambda o: f"{o[0]} · head {o[1]}",
+                         key=f"heads_off_{handle.key}")
+    if not off:
+        st.caption("Pick heads above: the top-k bars are recomputed without them.")
+        return
+    with state.guard("the ablated prediction"):
+        probs = ablated_probs(handle.key, choice.sha, tuple(sorted(off)), handle.model, analysis)
+        before, after = st.columns(2)
+        with before:
+            controls.show_fig(topk_figure(handle.key, choice.sha, analysis), key="explore_topk_before")
+        with after:
+            fig = plotting.topk_bar_figure(analysis.classes, probs, k=min(5, len(analysis.classes)))
+            fig.update_layout(title=f"top-{min(5, len(analysis.classes))} with {len(off)} head(s) off")
+            controls.show_fig(fig, key="explore_topk_after")
 
 
 def main() -> None:
@@ -141,6 +181,8 @@ def main() -> None:
             for col, (title, jpeg) in zip(cols, averaged):
                 col.image(jpeg, caption=title, width="stretch", output_format="JPEG")
             st.caption("Each map is scaled from its own minimum (dark) to its maximum (bright).")
+
+        head_lab(handle, choice, analysis)
 
     if trace.channel or trace.spatial:
         st.header("Channel (SE) and spatial (CBAM) attention")

@@ -158,6 +158,47 @@ def test_query_change_does_not_run_the_model_again(monkeypatch):
 
 
 @needs_checkpoint
+def test_explore_head_lab_heatmap_and_toggles():
+    """The head lab's heatmap holds the library's head importance (Δ probability of the
+    predicted class, in points); switching heads off redraws the top-k bars from exactly
+    one ablated forward (no capture), and the numbers are those of ``visattn.ablate``."""
+    import plotly.io
+
+    from visattn.ablation import ablate, head_importance
+
+    at = app("explore").run()
+    to_upload_mode(at)
+    name, data = sample_photo()
+    upload(at, name, data)
+    assert len(at.get("plotly_chart")) == 1  # the lab is off by default: no extra forward
+    at.toggle(key="explore_heads").set_value(True).run()
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    handle = at.session_state["model_handle"]
+    model = handle.model
+    from visattn.inference import prepare
+
+    tensor = prepare(data, handle.meta)[1]
+    effects = head_importance(model, tensor)
+    heat = plotly.io.from_json(at.get("plotly_chart")[1].proto.spec).data[0]
+    assert heat.type == "heatmap" and list(heat.y) == effects.layers
+    np.testing.assert_allclose(np.array(heat.z, dtype=float), effects.prob[0] * 100, atol=1e-3)
+    forwards = []
+    hook = model.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        layer = effects.layers[0]
+        at.multiselect(key=f"heads_off_{handle.key}").set_value([(layer, 0), (layer, 2)]).run()
+    finally:
+        hook.remove()
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    assert forwards == [1]  # the ablated forward only
+    after = plotly.io.from_json(at.get("plotly_chart")[-1].proto.spec)
+    probs = ablate(model, tensor, {layer: [0, 2]})[0].softmax(-1).numpy()
+    top = np.argsort(-probs)[:5]
+    assert list(after.data[0].text) == [f"{p * 100:.1f}%" for p in probs[top]]
+    assert "2 head(s) off" in after.layout.title.text
+
+
+@needs_checkpoint
 def test_checkpoint_upload_is_validated(tmp_path):
     at = app("learn").run()
     at.radio(key="model_source").set_value("Upload .safetensors").run()

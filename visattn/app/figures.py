@@ -1,6 +1,6 @@
 """The dashboard's plotly figures: heatmaps of one map, training curves, faithfulness
-curves, confusion matrix, per-class accuracy, per-head statistics, sanity checks; and
-overlays on an enlarged image."""
+curves, confusion matrix, per-class accuracy, per-head statistics, head importance, sanity
+checks; and overlays on an enlarged image."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -119,6 +119,23 @@ def head_stats_figure(stats: dict[str, dict[str, np.ndarray]]):
                              line={"dash": "dash", "color": "gray"}, name="uniform attention"), 1, 1)
     fig.update_xaxes(title="layer")
     fig.update_layout(height=400, font={"size": FONT - 2}, margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    return fig
+
+
+def head_importance_figure(effects, class_name: str, b: int = 0):
+    """Layers × heads heatmap of the change of one image's target probability (percentage
+    points) when each head is ablated alone (``visattn.ablation.head_importance``); blue: the
+    head was helping the prediction."""
+    z = effects.prob[b] * 100.0  # (layers, max heads), NaN where a layer has fewer heads
+    limit = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+    fig = go.Figure(go.Heatmap(
+        z=z.tolist(), x=[f"head {h}" for h in range(z.shape[1])], y=effects.layers, zmid=0.0, zmin=-limit,
+        zmax=limit, colorscale="RdBu", text=np.round(z, 1).tolist(), texttemplate="%{text:+.1f}",
+        colorbar={"title": {"text": "Δ p (points)", "side": "right"}},
+        hovertemplate="%{y} · %{x}: %{z:+.2f} points<extra></extra>"))
+    fig.update_layout(title=f"Δ probability of '{class_name}' with each head ablated alone",
+                      yaxis={"autorange": "reversed"}, height=140 + 40 * len(effects.layers), font={"size": FONT},
+                      margin={"l": 10, "r": 10, "t": 50, "b": 10})
     return fig
 
 

@@ -224,3 +224,14 @@ def raw_maps(trace: Trace, probs: np.ndarray, yx: tuple[float, float], b: int = 
         out[f"spatial/{name}"] = site.map[b, 0].float().cpu().numpy()
     return out
 
+
+def head_spec(off: list[tuple[str, int]]) -> dict[str, list[int]]:
+    """Heads switched off, [(layer, head)], as ``visattn.ablate``'s ``{layer: [head, ...]}``.
+
+    >>> head_spec([("blocks.0.attn", 2), ("blocks.0.attn", 0), ("blocks.1.attn", 1)])
+    {'blocks.0.attn': [0, 2], 'blocks.1.attn': [1]}
+    """
+    spec: dict[str, list[int]] = {}
+    for layer, head in off:
+        spec.setdefault(layer, []).append(int(head))
+    return {layer: sorted(heads) for layer, heads in spec.items()}
