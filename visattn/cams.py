@@ -57,7 +57,7 @@ def cam_maps(method: str, model: nn.Module, images: Tensor, targets: Tensor | li
             with torch.no_grad():
                 logits = model(x)
             t = logits.argmax(1) if targets is None else torch.as_tensor(targets).long().reshape(-1).expand(len(x))
-            view, probe = _probed_view(model, name)
+            view, probe = _probed_view(model, name, (int(x.shape[-2]), int(x.shape[-1])))
             cls = getattr(pytorch_grad_cam, CAMS[method])
             with cls(model=view, target_layers=[probe]) as cam:
                 cam.compute_input_gradient, cam.batch_size = True, batch_size  # the input carries the gradient
