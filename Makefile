@@ -1,12 +1,15 @@
 # visattn: `make run` starts the dashboard, `make test` runs the test suite.
+# `VISATTN_PUBLIC=1 make run`: public mode (no training, no server paths, slow methods queued).
+# `make serve REPLICAS=N PORT=P`: N dashboard processes behind nginx (deploy/serve.py).
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 HOST ?= localhost
 PORT ?= 8501
+REPLICAS ?= 2
 
-.PHONY: run test bench train-default train-flagship compare clean
+.PHONY: run serve test bench train-default train-flagship compare clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +20,9 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 run: $(STAMP)
 	$(PY) -m streamlit run dashboard.py --server.address $(HOST) --server.port $(PORT)
+
+serve: $(STAMP)
+	$(PY) deploy/serve.py --replicas $(REPLICAS) --port $(PORT) --host $(HOST)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

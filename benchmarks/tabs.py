@@ -1,0 +1,311 @@
+"""Real browser sessions: N headless Chromium tabs over the real websocket, each uploading its own photo.
+
+Unlike ``benchmarks/sessions.py`` (AppTest threads in one process), this is what users do:
+a real ``streamlit run dashboard.py`` server (or several behind nginx, ``deploy/serve.py``),
+Debian's Chromium driven by Selenium, one tab per user. Every tab opens Explore, switches
+the image source to "Upload an image" and gets a small script that timestamps, inside the
+page, the ``change`` event of the file input (t0) and the first moment after it when the
+page is settled (t1): the prediction line and the clickable image are shown and no
+spinner or "running" status is left. Then all N tabs get their file (one WebDriver
+command each, a few ms apart) and their t1 - t0 are read back; ``latency`` is that
+difference (upload, script run, every element drawn by the browser).
+
+Each tab's photo is a different CIFAR-10 test image enlarged to 480×480 (or a drawn scene
+without the data); what a tab shows (its file name, "Predicted **cls** (p%)") is read back
+and compared with :func:`expected_prediction`, the library's own answer for the same bytes.
+
+    python -m benchmarks.tabs 1 8 16        # one server, the given numbers of tabs
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("VISATTN_DATA", ROOT.parent / "shared" / "datasets" / "cifar10"))
+DEFAULT_CKPT = ROOT / "checkpoints" / "sa_cnn.safetensors"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PREDICTION = re.compile(r"Predicted (\S+) \((\d+\.\d)%\)")
+HAVE_BROWSER = bool(shutil.which("chromium") and shutil.which("chromedriver"))
+
+# Timestamps in the page: t0 when a file is chosen, t1 when the page has settled after it.
+WATCH = """
+const va = window.__va = {t0: null, t1: null, checks: 0};
+function settled() {
+  if (document.querySelector('[data-testid="stStatusWidget"], [data-testid="stSpinner"]')) return false;
+  if (!document.querySelector('iframe[title*="streamlit_image_coordinates"]')) return false;
+  return [...document.querySelectorAll('[data-testid="stMarkdownContainer"]')]
+    .some(e => e.innerText.startsWith('Predicted '));
+}
+function check() {
+  va.checks++;
+  if (va.t0 !== null && va.t1 === null && settled()) va.t1 = performance.now();
+}
+document.addEventListener('change', e => {
+  if (e.target.type === 'file') { va.t0 = performance.now(); va.t1 = null; }
+}, true);
+new MutationObserver(check).observe(document.body, {subtree: true, childList: true, attributes: true});
+"""
+
+
+# ----------------------------------------------------------------------------- inputs
+def photos(n: int, folder: Path, side: int = 480) -> list[Path]:
+    """``n`` JPEG photos ``tab_<i>.jpg`` in ``folder``: CIFAR-10 test images of rotating classes
+    enlarged to ``side`` px (drawn scenes of different colours when the data set is absent)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    classes = sorted(p for p in (DATA / "test").iterdir() if p.is_dir()) if (DATA / "test").is_dir() else []
+    files = [sorted(c.glob("*.jpg")) for c in classes]
+    out = []
+    for i in range(n):
+        if classes:
+            src = files[i % len(classes)][i // len(classes)]
+            img = Image.open(src).convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+        else:
+            img = Image.new("RGB", (side, side), ((37 * i) % 256, (91 * i) % 256, (151 * i) % 256))
+            img.paste(((200 + 7 * i) % 256, 120, 60), (side // 4, side // 3, 3 * side // 4, 7 * side // 8))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=92)
+        path = folder / f"tab_{i}.jpg"
+        path.write_bytes(buf.getvalue())
+        out.append(path)
+    return out
+
+
+def expected_prediction(path: Path, checkpoint: Path = DEFAULT_CKPT) -> tuple[str, str]:
+    """(class, "p.p") the Explore page should show for ``path``: the library's own answer."""
+    from visattn import inference, zoo
+
+    model, meta = zoo.load_model(str(checkpoint))
+    cls, p = inference.analyse(model, meta, path.read_bytes()).top(1)[0]
+    return cls, f"{100 * p:.1f}"
+
+
+# ----------------------------------------------------------------------------- server and browser
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode})")
+        try:
+            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} did not become healthy in {timeout:.0f} s")
+
+
+def start_server(env: dict[str, str] | None = None, args: list[str] | None = None) -> tuple[str, subprocess.Popen]:
+    """``streamlit run dashboard.py`` (what ``make run`` starts) on a free port: (url, process)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "dashboard.py", "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+         *(args or [])],
+        cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+    except Exception:
+        stop(proc)
+        raise
+    return url, proc
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop a process started in its own session (its whole group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=timeout)
+
+
+def chrome(profile: Path):
+    """Headless Chromium with background tabs not throttled (every tab is a user looking at it)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+                "--disable-quic", "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
+                "--disable-backgrounding-occluded-windows", f"--user-data-dir={profile}"):
+        opts.add_argument(arg)
+    d = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    d.set_page_load_timeout(120)
+    d.set_script_timeout(60)
+    return d
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception:  # elements come and go while Streamlit reruns
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def open_tab(driver, url: str, first: bool = False, timeout: float = 180) -> str:
+    """A new tab (or the first one) on Explore in upload mode, watched by :data:`WATCH`: its handle."""
+    from selenium.webdriver.common.by import By
+
+    if not first:
+        driver.switch_to.new_window("tab")
+    driver.get(url)
+    wait_for(lambda: "Explore" in driver.find_element(By.TAG_NAME, "h1").text, timeout, "the Explore page")
+    upload_mode(driver, timeout)
+    return driver.current_window_handle
+
+
+def upload_mode(driver, timeout: float = 180) -> None:
+    """Switch this tab's image source to "Upload an image" and watch it (:data:`WATCH`)."""
+    from selenium.webdriver.common.by import By
+
+    radio = wait_for(lambda: next((e for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stRadio"] label')
+                                   if "Upload an image" in e.text), None), timeout, "the image-source choice")
+    radio.click()
+    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, 'input[type="file"]'), timeout, "the uploader")
+    driver.execute_script(WATCH)
+
+
+@dataclass
+class TabResult:
+    """What one tab did and showed."""
+
+    file: str
+    latency: float | None  # seconds from choosing the file to the settled page (None: not settled)
+    prediction: tuple[str, str] | None  # (class, "p.p") read from the page
+    names_shown: list[str]  # tab_<i>.jpg names visible in the page
+    errors: list[str]
+
+
+def upload_all(driver, handles: list[str], files: list[Path]) -> None:
+    """Give every tab its file, one after the other (a few ms apart)."""
+    from selenium.webdriver.common.by import By
+
+    for handle, path in zip(handles, files):
+        driver.switch_to.window(handle)
+        driver.find_element(By.CSS_SELECTOR, 'input[type="file"]').send_keys(str(path))
+
+
+def collect(driver, handles: list[str], files: list[Path], timeout: float = 600) -> list[TabResult]:
+    """Wait until every tab has settled (or ``timeout``), then read what each shows."""
+    from selenium.webdriver.common.by import By
+
+    deadline, pending = time.time() + timeout, set(handles)
+    while pending and time.time() < deadline:
+        for handle in list(pending):
+            driver.switch_to.window(handle)
+            if driver.execute_script("return window.__va && window.__va.t1 !== null"):
+                pending.discard(handle)
+        time.sleep(0.5)
+    out = []
+    for handle, path in zip(handles, files):
+        driver.switch_to.window(handle)
+        va = driver.execute_script("return window.__va")
+        body = driver.find_element(By.TAG_NAME, "body").text
+        m = PREDICTION.search(body)
+        errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentError"], '
+                                                                        '[data-testid="stException"]')]
+        latency = (va["t1"] - va["t0"]) / 1000 if va and va["t1"] is not None and va["t0"] is not None else None
+        out.append(TabResult(path.name, latency, (m.group(1), m.group(2)) if m else None,
+                             sorted(set(re.findall(r"tab_\d+\.jpg", body))), errors))
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``, linear between order statistics."""
+    v = sorted(values)
+    k = (len(v) - 1) * q
+    lo = int(k)
+    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (k - lo)
+
+
+def round_of_tabs(driver, urls: list[str], files: list[Path], first: bool = True) -> list[TabResult]:
+    """Open one tab per file (tab i on ``urls[i % len(urls)]``), upload all at once, collect."""
+    handles = [open_tab(driver, urls[i % len(urls)], first=first and i == 0) for i in range(len(files))]
+    upload_all(driver, handles, files)
+    return collect(driver, handles, files)
+
+
+def close_tabs(driver) -> None:
+    """Close every tab but one, which goes blank (its Streamlit session ends)."""
+    handles = driver.window_handles
+    for h in handles[1:]:
+        driver.switch_to.window(h)
+        driver.close()
+    driver.switch_to.window(handles[0])
+    driver.get("about:blank")
+
+
+def summary(results: list[TabResult]) -> dict[str, float]:
+    lat = [r.latency for r in results if r.latency is not None]
+    return {"tabs": len(results), "settled": len(lat), "p50": statistics.median(lat) if lat else float("nan"),
+            "p95": percentile(lat, 0.95) if lat else float("nan"), "max": max(lat) if lat else float("nan")}
+
+
+def sweep(counts: list[int], workdir: Path, check: bool = False) -> list[dict[str, Any]]:
+    """One server, one browser; for each count a fresh round of that many tabs (after one warm-up
+    tab with another photo). Rows: p50/p95/max latency, ``all_own`` (every tab showed exactly its
+    own prediction and file name, and no error) and the ``failures``. ``check``: stop at the first
+    round that fails."""
+    *files, spare = photos(max(counts) + 1, workdir / "photos")
+    expected = [expected_prediction(p) for p in files]
+    url, proc = start_server(env={"OMP_NUM_THREADS": "1"})
+    driver = chrome(workdir / "chrome")
+    rows = []
+    try:
+        round_of_tabs(driver, [url], [spare])  # warm-up: model load, first-call costs
+        close_tabs(driver)
+        for n in counts:
+            results = round_of_tabs(driver, [url], files[:n], first=True)
+            close_tabs(driver)
+            failures = [(r, e) for r, e in zip(results, expected)
+                        if not (r.prediction == e and r.names_shown == [r.file] and not r.errors)]
+            rows.append({**summary(results), "all_own": not failures, "failures": failures})
+            if check and failures:
+                break
+    finally:
+        driver.quit()
+        stop(proc)
+    return rows
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    counts = [int(a) for a in sys.argv[1:]] or [1, 8, 16]
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in sweep(counts, Path(tmp)):
+            print(f"{row['tabs']:3d} tabs: p50 {row['p50']:.2f} s, p95 {row['p95']:.2f} s, max {row['max']:.2f} s, "
+                  f"settled {row['settled']}/{row['tabs']}, each its own prediction: {row['all_own']}", flush=True)
