@@ -332,8 +332,15 @@ def bench_sessions_section() -> list[dict]:
     return bench_sessions()
 
 
+def bench_tabs_section() -> list[dict]:
+    from benchmarks.tabs import bench_tabs
+
+    return bench_tabs()
+
+
 SECTIONS = {"capture": bench_capture, "train": bench_train, "explain": bench_explain, "heads": bench_heads,
-            "dashboard": bench_dashboard, "sessions": bench_sessions_section, "scaling": bench_scaling}
+            "dashboard": bench_dashboard, "sessions": bench_sessions_section, "tabs": bench_tabs_section,
+            "scaling": bench_scaling}
 
 
 def fmt(r: dict) -> str:

@@ -301,6 +301,28 @@ def sweep(counts: list[int], workdir: Path, check: bool = False) -> list[dict[st
     return rows
 
 
+def bench_tabs(counts: tuple[int, ...] = (1, 8, 16, 32)) -> list[dict[str, Any]]:
+    """``make bench``: p50 and p95 upload-to-settled latency of N tabs at once, against one tab
+    alone, all in one run (rows in ``benchmarks/run.py``'s format). Target: 16 tabs p95 <= 3× one tab."""
+    import tempfile
+
+    if not (HAVE_BROWSER and DEFAULT_CKPT.is_file()):
+        raise FileNotFoundError("needs Debian's chromium, chromium-driver and checkpoints/sa_cnn.safetensors")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = sweep(list(counts), Path(tmp))
+    alone = next(r for r in rows if r["tabs"] == 1)["p50"]
+    out = []
+    for r in rows:
+        note = (f"{r['settled']}/{r['tabs']} settled, each its own prediction: {r['all_own']}; "
+                f"p50 {r['p50']:.2f} s, max {r['max']:.2f} s")
+        if r["tabs"] == 16:
+            note = "target p95 <= 3× one tab; " + note
+        out.append({"what": f"{r['tabs']} browser tabs at once: p95 upload-to-settled", "baseline": "one tab alone",
+                    "seconds": r["p95"], "baseline_seconds": alone, "ratio": r["p95"] / alone, "target": note,
+                    "tabs": r["tabs"], "p50": r["p50"]})
+    return out
+
+
 if __name__ == "__main__":
     import tempfile
 

@@ -22,6 +22,7 @@ from typing import Callable, NamedTuple
 import streamlit as st
 
 from pages import _pickers, _state, atlas, compare, explore, learn, models, train
+from visattn import serving
 
 
 class PageSpec(NamedTuple):
@@ -52,11 +53,31 @@ def switch_to(url_path: str) -> None:
     st.switch_page(page(next(s for s in PAGES if s.url_path == url_path)))
 
 
+def training_off() -> None:
+    """What a direct request to /train gets on a public server."""
+    st.title("Train a model")
+    st.error("Training is off on this public server: ask for the lab server to train models.")
+
+
+def allowed_pages(policy: serving.Policy) -> tuple[PageSpec, ...]:
+    """The pages of :data:`PAGES` the navigation shows under ``policy`` (no Train when training is off)."""
+    return tuple(spec for spec in PAGES if policy.train or spec.url_path != "train")
+
+
 def main(start: str = "explore") -> None:
     """The whole dashboard: page config, session state, the navigation, the sidebar model
-    picker, then the page the URL names (``start`` when it names none)."""
+    picker, then the page the URL names (``start`` when it names none). In the public mode
+    (:func:`visattn.serving.policy`) the Train page is left out of the navigation, /train
+    answers with one line, and a banner on every page says what is off."""
     st.set_page_config(layout="wide", page_title="visattn", page_icon=":material/visibility:")
     _state.init_state()
-    nav = st.navigation([page(spec, default=spec.url_path == start) for spec in PAGES])
+    policy = _state.policy()
+    pages = [page(spec, default=spec.url_path == start) for spec in allowed_pages(policy)]
+    if not policy.train:  # a bookmarked /train: one line, not Explore in its place
+        pages.append(st.Page(training_off, title="Train", url_path="train", visibility="hidden",
+                             default=start == "train"))
+    nav = st.navigation(pages)
+    if policy.public:
+        st.info(policy.banner(), icon=":material/public:")
     _pickers.model_picker()
     nav.run()

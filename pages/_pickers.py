@@ -2,7 +2,8 @@
 analysis of that image by that model.
 
 * :func:`model_picker` (the sidebar) and :func:`require_model`: shipped checkpoints and
-  finished runs, a user's ``.safetensors`` upload, a path, or torchvision's ViT-B/16.
+  finished runs, a user's ``.safetensors`` upload, a path, or torchvision's ViT-B/16 (the
+  public mode offers no path, no weight download and smaller uploads).
   Models are loaded once per process (``st.cache_resource``) keyed on the checkpoint's
   path + mtime + size, the upload's sha256, or the torchvision spec, and shared by every
   session: pages only use ``visattn.capture`` (thread-safe) and ``visattn.explain``
@@ -23,17 +24,17 @@ import numpy as np
 import streamlit as st
 from torch import nn
 
-from pages._state import IMAGE_SOURCES, guard, init_state, log, one_line, persistent
+from pages._state import IMAGE_SOURCES, guard, init_state, log, one_line, persistent, policy
 from visattn import inference, paths, zoo
 from visattn.app import views
 from visattn.app.memo import ByteLRU
-from visattn.checkpoint import MAX_CHECKPOINT_BYTES
 from visattn.errors import VisattnError
-from visattn.image_io import MAX_BYTES, MAX_PIXELS
+from visattn.image_io import MAX_BYTES, MAX_JPEG_PIXELS, MAX_PIXELS
 
 MODEL_SOURCES = ("Checkpoint", "Upload .safetensors", "Path on the server", "torchvision ViT-B/16")
-IMAGE_LIMITS = (f"PNG, JPEG, GIF, WebP, TIFF, BMP… · up to {MAX_BYTES // 2**20} MB and "
-                f"{MAX_PIXELS / 1e6:.1f} MP · the model sees a centre crop")
+IMAGE_LIMITS = (f"PNG, JPEG, GIF, WebP, TIFF, BMP… · up to {MAX_BYTES // 2**20} MB; JPEG photos up to "
+                f"{MAX_JPEG_PIXELS / 1e6:.0f} MP (decoded reduced), other images up to {MAX_PIXELS / 1e6:.0f} MP · "
+                "the model sees a centre crop")
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,9 @@ def model_picker() -> ModelHandle | None:
     handle = None
     with st.sidebar:
         st.header("Model")
-        source = st.radio("Model source", MODEL_SOURCES, key="model_source")
+        allowed = policy()
+        sources = [s for s in MODEL_SOURCES if allowed.server_paths or s != MODEL_SOURCES[2]]
+        source = st.radio("Model source", sources, key="model_source")
         spec: str | bytes | None = None
         key = label = ""
         if source == MODEL_SOURCES[0]:
@@ -83,7 +86,7 @@ def model_picker() -> ModelHandle | None:
                 with guard("checkpoint"):
                     key = views.checkpoint_key(spec)
         elif source == MODEL_SOURCES[1]:
-            limit = MAX_CHECKPOINT_BYTES // 2**20
+            limit = allowed.checkpoint_upload_bytes // 2**20
             up = st.file_uploader("Your visattn checkpoint", type=["safetensors"], key="checkpoint_upload",
                                   max_upload_size=limit)
             st.caption(f".safetensors written by visattn (no pickles), up to {limit} MB; "
@@ -101,7 +104,8 @@ def model_picker() -> ModelHandle | None:
                 else:
                     spec, key, label = str(p), views.checkpoint_key(p), path.strip()
         else:
-            weights = st.radio("Weights", ("none", "DEFAULT"), key="vit_weights", horizontal=True,
+            weights = st.radio("Weights", ("none", "DEFAULT") if allowed.downloads else ("none",), key="vit_weights",
+                               horizontal=True,
                                format_func=lambda w: "random (offline)" if w == "none" else "ImageNet (download)")
             spec = key = f"torchvision:vit_b_16:{weights}"
             label = f"torchvision vit_b_16 ({'random weights' if weights == 'none' else 'ImageNet weights'})"

@@ -6,6 +6,8 @@
   that edit them use a shadow key ``_w_<name>``, because Streamlit drops the state of
   widgets that a page does not draw.
 * :func:`guard` and :func:`run`: every error becomes one ``st.error`` line; never a traceback.
+* :func:`policy` (lab or public, :mod:`visattn.serving`) and :func:`slow_turn`: in the
+  public mode a slow computation waits its turn in the process's queue.
 
 Testing: ``st.session_state["query_yx"] = (y, x)`` (relative, in [0, 1)) sets the query
 point as a click would.
@@ -18,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import streamlit as st
 
+from visattn import serving
 from visattn.errors import VisattnError
 
 log = logging.getLogger("visattn.dashboard")
@@ -92,3 +95,23 @@ def persistent(widget: Callable[..., Any], label: str, key: str, *args: Any,
         st.session_state[key] = st.session_state[wkey]
 
     return widget(label, *args, key=wkey, on_change=copy, **kwargs)
+
+
+def policy() -> serving.Policy:
+    """This server's policy: ``VISATTN_PUBLIC`` or ``-- --public`` (see :mod:`visattn.serving`)."""
+    return serving.policy()
+
+
+def slow_turn() -> Callable[[], contextlib.AbstractContextManager]:
+    """What a slow computation runs under: in the public mode a turn in the process's
+    :data:`visattn.serving.SLOW_QUEUE` for this session (one at a time, one per session;
+    a refusal is a one-line BusyError), in the lab nothing. Returned as a factory, so that a
+    cached function takes it as an unhashed ``_turn`` argument and waits only on a cache miss."""
+    queue = policy().slow_queue
+    if queue is None:
+        return contextlib.nullcontext
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    session = ctx.session_id if ctx is not None else "no-session"
+    return lambda: queue.slot(session, timeout=600)

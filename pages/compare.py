@@ -2,6 +2,8 @@
 faithful each one is (deletion/insertion) and whether it depends on the weights (sanity)."""
 from __future__ import annotations
 
+import contextlib
+
 import streamlit as st
 
 from pages import _controls as controls, _pickers as pickers, _state as state
@@ -14,8 +16,11 @@ PER_ROW = 3  # maps side by side
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
-def explanation(model_key: str, image_sha: str, method: str, target: int, layer: str | None, _model, _tensor):
-    return evaluation.explain_one(_model, _tensor, method, target, layer)
+def explanation(model_key: str, image_sha: str, method: str, target: int, layer: str | None, _model, _tensor,
+                _turn=contextlib.nullcontext):
+    """One method's map; a slow method computes under ``_turn()`` (public mode: the queue), only on a cache miss."""
+    with _turn() if METHODS[method].slow else contextlib.nullcontext():
+        return evaluation.explain_one(_model, _tensor, method, target, layer)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -25,8 +30,10 @@ def faithfulness(model_key: str, image_sha: str, target: int, layer: str | None,
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def sanity(model_key: str, image_sha: str, target: int, method: str, layer: str | None, _model, _tensor):
-    return evaluation.sanity(_model, _tensor, target, method, layer)
+def sanity(model_key: str, image_sha: str, target: int, method: str, layer: str | None, _model, _tensor,
+           _turn=contextlib.nullcontext):
+    with _turn():
+        return evaluation.sanity(_model, _tensor, target, method, layer)
 
 
 def label(name: str) -> str:
@@ -83,13 +90,16 @@ def main() -> None:
             st.session_state["compare_slow_ok"].add(slow_key)
             slow_ok = True
     todo = [name for name, m in METHODS.items() if slow_ok or not m.slow]
+    turn = state.slow_turn()
     results = {}
     bar = st.progress(0.0, text="Computing explanations…")
     for i, name in enumerate(todo):
-        bar.progress(i / len(todo), text=f"Computing {METHODS[name].label}…")
+        queued = " (a slow one: it waits its turn on this public server)" if METHODS[name].slow and \
+            turn is not contextlib.nullcontext else ""
+        bar.progress(i / len(todo), text=f"Computing {METHODS[name].label}…{queued}")
         with state.guard(METHODS[name].label):
             results[name] = explanation(handle.key, choice.sha, name, target_idx, layer_of.get(name), model,
-                                        analysis.tensor)
+                                        analysis.tensor, turn)
     bar.empty()
     found = {n: e.map for n, e in results.items() if e is not None}
     checked = st.session_state.get("sanity_result")
@@ -167,7 +177,7 @@ def main() -> None:
     if c2.button("Run the sanity check", key="sanity_run", disabled=not available):
         spinner = st.spinner(f"Randomising layers and recomputing {METHODS[method].label}…")
         with state.guard("the sanity check"), spinner:
-            st.session_state["sanity_result"] = (run_key, sanity(*run_key, model, analysis.tensor))
+            st.session_state["sanity_result"] = (run_key, sanity(*run_key, model, analysis.tensor, turn))
             st.rerun()  # show the verdict beside the map above too
     stored = st.session_state.get("sanity_result")
     if stored and stored[0] == run_key:
