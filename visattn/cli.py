@@ -26,6 +26,32 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def open_source(a: argparse.Namespace):
+    """The model and metadata of the command's SOURCE (see :func:`visattn.sources.load_model`;
+    ``torchvision:ARCH:WEIGHTS`` names torchvision weights, see :func:`visattn.zoo.load_model`)."""
+    from visattn.sources import load_model
+    from visattn.zoo import load_model as zoo_model
+
+    if a.source.startswith("torchvision:") and a.source.count(":") == 2:
+        return zoo_model(a.source)
+    return load_model(a.source, weights=a.weights, labels=a.labels, pretrained=a.pretrained,
+                      options=parse_overrides(a.set))
+
+
+def add_source(p: argparse.ArgumentParser) -> None:
+    """SOURCE and how to open it, the same for every command that runs a model."""
+    p.add_argument("source", metavar="SOURCE",
+                   help="a visattn checkpoint, a Hugging Face folder (config.json + model.safetensors), "
+                        "timm:ARCH, torchvision:ARCH[:WEIGHTS] or hf:OWNER/NAME (from the hub cache; downloads only "
+                        "when missing)")
+    p.add_argument("--weights", metavar="FILE.safetensors", help="state dict for timm:/torchvision: (strict)")
+    p.add_argument("--pretrained", action="store_true", help="timm:/torchvision: with the library's own "
+                                                             "pretrained weights (downloads unless cached)")
+    p.add_argument("--labels", metavar="FILE", help="class names: one per line, or JSON (list or {index: name})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="architecture argument for timm:/torchvision:, e.g. num_classes=10, repeatable")
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from visattn.train import TrainConfig, train
 
@@ -95,23 +121,22 @@ def cmd_models(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from visattn.checkpoint import load_checkpoint
     from visattn.data import load_split
     from visattn.train import confusion_matrix, per_class_accuracy, predict_logits
 
-    model, meta = load_checkpoint(a.checkpoint)
+    model, meta = open_source(a)
     split = load_split(a.data, "test", cache=a.cache)
     if a.n:
         split = split.subset(a.n)
     pred = predict_logits(model, split.images, meta["mean"], meta["std"], tta=a.tta).argmax(1)
     confusion = confusion_matrix(split.labels, pred, len(split.classes))
     per_class = per_class_accuracy(confusion).tolist()
-    result = {"checkpoint": str(a.checkpoint), "images": len(split), "accuracy": (pred == split.labels).float().mean().item(),
+    result = {"source": str(a.source), "images": len(split), "accuracy": (pred == split.labels).float().mean().item(),
               "per_class": dict(zip(split.classes, per_class)), "confusion": confusion.tolist(), "tta": a.tta}
     if a.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{a.checkpoint}: top-1 {result['accuracy']:.2%} on {len(split)} test images")
+        print(f"{a.source}: top-1 {result['accuracy']:.2%} on {len(split)} test images")
         for c, acc in result["per_class"].items():
             print(f"  {c:12s} {acc:.2%}")
         print("confusion (rows: true, columns: predicted):")
@@ -121,10 +146,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from visattn.checkpoint import load_checkpoint
     from visattn.inference import predict_image
 
-    model, meta = load_checkpoint(a.checkpoint)
+    model, meta = open_source(a)
     failed, results = 0, []
     for path in a.images:
         try:
@@ -142,10 +166,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_explain(a: argparse.Namespace) -> int:
-    from visattn.checkpoint import load_checkpoint
     from visattn.inference import write_explanation
 
-    model, meta = load_checkpoint(a.checkpoint)
+    model, meta = open_source(a)
     for f in write_explanation(model, meta, a.image, Path(a.out)):
         print(f)
     return 0
@@ -171,9 +194,8 @@ def cmd_ablate(a: argparse.Namespace) -> int:
 
     from visattn.ablation import ablate
     from visattn.inference import prepare
-    from visattn.zoo import load_model
 
-    model, meta = load_model(a.source)
+    model, meta = open_source(a)
     heads = parse_heads(a.heads)
     _, x = prepare(Path(a.image).read_bytes(), meta)
     reference = torch.cat([prepare(Path(p).read_bytes(), meta)[1] for p in a.reference]) if a.reference else None
@@ -201,11 +223,10 @@ def cmd_ablate(a: argparse.Namespace) -> int:
 
 
 def cmd_faithfulness(a: argparse.Namespace) -> int:
-    from visattn.checkpoint import load_checkpoint
     from visattn.data import load_split, normalise
     from visattn.faithfulness import evaluate_methods, markdown_table
 
-    model, meta = load_checkpoint(a.checkpoint)
+    model, meta = open_source(a)
     split = load_split(a.data, "test", cache=a.cache).subset(a.n)
     images = normalise(split.images, meta["mean"], meta["std"])
     methods = tuple(a.methods) if a.methods else None  # None: every method and the random floor
@@ -291,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     e = sub.add_parser("eval", help="top-1, per-class accuracy and confusion matrix on the test split")
-    e.add_argument("checkpoint")
+    add_source(e)
     e.add_argument("--data", default=None)
     e.add_argument("--n", type=int, default=0, help="evaluate on a fixed sample of N test images")
     e.add_argument("--tta", nargs="?", const="flip", choices=["flip", "translate"],
@@ -301,20 +322,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="top-k classes for each image")
-    pr.add_argument("checkpoint")
+    add_source(pr)
     pr.add_argument("images", nargs="+")
     pr.add_argument("-k", type=int, default=5)
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
     x = sub.add_parser("explain", help="PNG overlays of every layer and head, rollout, and an .npz of raw maps")
-    x.add_argument("checkpoint")
+    add_source(x)
     x.add_argument("image")
     x.add_argument("--out", required=True)
     x.set_defaults(func=cmd_explain)
 
     ab = sub.add_parser("ablate", help="logits and top-k before and after silencing attention heads")
-    ab.add_argument("source", help="a .safetensors checkpoint, or torchvision:ARCH[:WEIGHTS]")
+    add_source(ab)
     ab.add_argument("image")
     ab.add_argument("--layer", required=True, help="an attention layer's name, e.g. stages.1.1 or blocks.0.attn")
     ab.add_argument("--heads", required=True, help="comma-separated head numbers, e.g. 0,2")
@@ -326,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.set_defaults(func=cmd_ablate)
 
     f = sub.add_parser("faithfulness", help="deletion/insertion AUC per explanation method")
-    f.add_argument("checkpoint")
+    add_source(f)
     f.add_argument("--data", default=None)
     f.add_argument("--n", type=int, default=500)
     f.add_argument("--steps", type=int, default=16)

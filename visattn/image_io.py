@@ -185,29 +185,49 @@ def load_image(
     return out
 
 
-def _square(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size` and center-crop to size×size (one bicubic, antialiased pass)."""
+def crop_box(w: int, h: int, size: int, resize: int | Sequence[int] | None = None) -> tuple[float, float, float, float]:
+    """The part of a w×h photo a model sees, in photo pixels (left, top, right, bottom):
+    the photo is resized (``resize``: shorter side to that many pixels, or exactly
+    [height, width]; None: shorter side to ``size``), then centre-cropped to size×size.
+
+    >>> crop_box(400, 200, 224, 256)  # shorter side 200 -> 256, crop 224 of it: 175 photo px
+    (112.5, 12.5, 287.5, 187.5)
+    """
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
+    if resize is None or isinstance(resize, int):
+        side = min(w, h) * size / (resize or size)
+        cw = ch = side
+    else:
+        ch, cw = h * size / resize[0], w * size / resize[-1]
+    cw, ch = min(cw, w), min(ch, h)
+    return ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+
+
+def _square(img: Image.Image, size: int, resize: int | Sequence[int] | None = None,
+            interpolation: str = "bicubic") -> Image.Image:
+    """The :func:`crop_box` of ``img`` at size×size (one antialiased resampling pass)."""
     if img.mode != "RGB":
         img = img.convert("RGB")
-    w, h = img.size
-    s = min(w, h)
-    box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)  # the crop, in source pixels
-    return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    box = crop_box(*img.size, size, resize)
+    resample = Image.Resampling.__members__.get(interpolation.upper(), Image.Resampling.BICUBIC)
+    return img.resize((size, size), resample, box=box)
 
 
-def image_to_uint8_array(img: Image.Image, size: int) -> np.ndarray:
+def image_to_uint8_array(img: Image.Image, size: int, resize: int | Sequence[int] | None = None,
+                         interpolation: str = "bicubic") -> np.ndarray:
     """Resize/crop like image_to_tensor, for display: (size, size, 3) uint8.
 
     >>> image_to_uint8_array(Image.new("RGB", (30, 20), (9, 8, 7)), 16)[0, 0].tolist()
     [9, 8, 7]
     """
-    return np.asarray(_square(img, size), dtype=np.uint8).copy()
+    return np.asarray(_square(img, size, resize, interpolation), dtype=np.uint8).copy()
 
 
-def image_to_tensor(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Resize/crop to size×size and normalise per channel: float32 tensor (3, size, size).
+def image_to_tensor(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
+                    resize: int | Sequence[int] | None = None, interpolation: str = "bicubic") -> torch.Tensor:
+    """Resize/crop to size×size (see :func:`crop_box`) and normalise per channel: float32
+    tensor (3, size, size).
 
     >>> t = image_to_tensor(Image.new("RGB", (30, 20), (255, 0, 0)), 8, (0.5,) * 3, (0.5,) * 3)
     >>> tuple(t.shape), t[:, 0, 0].tolist()
@@ -215,7 +235,7 @@ def image_to_tensor(img: Image.Image, size: int, mean: Sequence[float], std: Seq
     """
     if len(mean) != 3 or len(std) != 3 or any(s == 0 for s in std):
         raise ValueError("mean and std need three values each, std non-zero")
-    x = torch.from_numpy(image_to_uint8_array(img, size)).permute(2, 0, 1).float().div_(255.0)
+    x = torch.from_numpy(image_to_uint8_array(img, size, resize, interpolation)).permute(2, 0, 1).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     sd = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return ((x - m) / sd).contiguous()

@@ -60,7 +60,8 @@ def prepare(source: Source, meta: dict[str, Any]) -> tuple[np.ndarray, Tensor]:
     :func:`~visattn.image_io.load_image`) and preprocess: (display uint8, model input)."""
     size = input_size(meta)
     img = load_image(source, min_side=max(DECODE_SIDE, 2 * size))
-    return image_to_uint8_array(img, size), image_to_tensor(img, size, meta["mean"], meta["std"])[None]
+    how = {"resize": meta.get("resize"), "interpolation": meta.get("interpolation", "bicubic")}
+    return image_to_uint8_array(img, size, **how), image_to_tensor(img, size, meta["mean"], meta["std"], **how)[None]
 
 
 def analyse_tensor(model: nn.Module, meta: dict[str, Any], image: np.ndarray, tensor: Tensor) -> Analysis:
