@@ -60,6 +60,33 @@ def bench_capture() -> list[dict]:
     return rows
 
 
+def bench_foreign_capture(repeat: int = 5) -> list[dict]:
+    """Capture of a ViT-B/16-sized timm model (random weights, 224 px) through visattn.intercept
+    against its plain fused forward; runs alternate, so both see the same machine load."""
+    import timm
+
+    model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    rows = []
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, 224, 224)
+        with torch.no_grad():
+            model(x)
+        capture(model, x)
+        plain, cap = [], []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            with torch.no_grad():
+                model(x)
+            plain.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            capture(model, x)
+            cap.append(time.perf_counter() - t)
+        p, c = statistics.median(plain), statistics.median(cap)
+        rows.append({"what": f"capture timm vit_base_patch16_224, 224 px, batch {batch}", "baseline": "plain forward",
+                     "seconds": c, "baseline_seconds": p, "ratio": c / p, "target": "≤ 1.5"})
+    return rows
+
+
 # ----------------------------------------------------------------------------- training throughput
 SEED_LOOP = r'''
 import sys, time, torch, torchvision, torchvision.transforms as T
@@ -338,7 +365,7 @@ def bench_tabs_section() -> list[dict]:
     return bench_tabs()
 
 
-SECTIONS = {"capture": bench_capture, "train": bench_train, "explain": bench_explain, "heads": bench_heads,
+SECTIONS = {"capture": bench_capture, "foreign_capture": bench_foreign_capture, "train": bench_train, "explain": bench_explain, "heads": bench_heads,
             "dashboard": bench_dashboard, "sessions": bench_sessions_section, "tabs": bench_tabs_section,
             "scaling": bench_scaling}
 

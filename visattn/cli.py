@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_faithfulness)
 
     at = sub.add_parser("atlas", help="queries and keys of many images embedded together, per head (AttentionViz)")
-    at.add_argument("source", help="checkpoint, or torchvision:ARCH[:WEIGHTS]")
+    at.add_argument("source", help="checkpoint, Hugging Face folder, timm:ARCH, hf:OWNER/NAME, torchvision:ARCH "
+                                   "or torchvision:ARCH:WEIGHTS (a torchvision weights name, or none)")
     at.add_argument("--data", default=None, help="folder with test/ (ImageFolder layout); default visattn.paths.data()")
     at.add_argument("--n", "--images", dest="n", type=int, default=1000,
                     help="images, a fixed random sample of the test split (--images under torchrun, whose own "
@@ -383,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     at.set_defaults(func=cmd_atlas)
 
     ex = sub.add_parser("export", help="one self-contained HTML file of an Explore session (offline, no server)")
-    ex.add_argument("source", help="checkpoint, or torchvision:ARCH[:WEIGHTS]")
+    ex.add_argument("source", help="checkpoint, Hugging Face folder, timm:ARCH, hf:OWNER/NAME, torchvision:ARCH "
+                                   "or torchvision:ARCH:WEIGHTS (a torchvision weights name, or none)")
     ex.add_argument("image")
     ex.add_argument("--out", required=True, help="session.html")
     ex.add_argument("--layer", help="one attention layer only (default: all)")

@@ -58,9 +58,14 @@ def load_torchvision_vit(arch: str = "vit_b_16", weights: str | None = "DEFAULT"
 
 
 def load_model(spec: str | bytes) -> tuple[nn.Module, dict[str, Any]]:
-    """A checkpoint path or bytes, or ``torchvision:ARCH[:WEIGHTS]``."""
-    if isinstance(spec, str) and spec.startswith("torchvision:"):
-        _, arch, *rest = spec.split(":")
-        weights = rest[0] if rest else "DEFAULT"
+    """Checkpoint bytes (an upload), ``torchvision:ARCH:WEIGHTS`` (a torchvision weights name,
+    or ``none``), or any SOURCE of :func:`visattn.sources.load_model` (a checkpoint path, a
+    Hugging Face folder, ``timm:ARCH``, ``torchvision:ARCH``, ``hf:OWNER/NAME``)."""
+    from visattn.sources import load_model as open_source
+
+    if isinstance(spec, str) and spec.startswith("torchvision:") and spec.count(":") == 2:
+        _, arch, weights = spec.split(":")
         return load_torchvision_vit(arch, None if weights in ("", "none", "None") else weights)
+    if isinstance(spec, str):
+        return open_source(spec)
     return load_checkpoint(spec)
