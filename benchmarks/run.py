@@ -365,7 +365,8 @@ def bench_tabs_section() -> list[dict]:
     return bench_tabs()
 
 
-SECTIONS = {"capture": bench_capture, "foreign_capture": bench_foreign_capture, "train": bench_train, "explain": bench_explain, "heads": bench_heads,
+SECTIONS = {"capture": bench_capture, "foreign_capture": bench_foreign_capture, "train": bench_train,
+            "explain": bench_explain, "heads": bench_heads,
             "dashboard": bench_dashboard, "sessions": bench_sessions_section, "tabs": bench_tabs_section,
             "scaling": bench_scaling}
 
