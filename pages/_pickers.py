@@ -95,14 +95,20 @@ def model_picker() -> ModelHandle | None:
                 spec = up.getvalue()
                 key, label = f"upload:{views.sha256(spec)}", up.name
         elif source == MODEL_SOURCES[2]:
-            path = st.text_input("Checkpoint path", key="checkpoint_path", placeholder="runs/my_run.safetensors")
-            if path.strip():
-                p = Path(path.strip()).expanduser()
+            path = st.text_input("Checkpoint path or SOURCE", key="checkpoint_path",
+                                 placeholder="runs/my_run.safetensors, a Hugging Face folder, timm:ARCH, hf:OWNER/NAME")
+            text = path.strip()
+            if text.split(":", 1)[0] in ("timm", "torchvision", "hf"):
+                spec = key = label = text  # built by its library (hf: from the hub cache, downloaded if missing)
+            elif text:
+                p = Path(text).expanduser()
                 p = p if p.is_absolute() else paths.root() / p
-                if not p.is_file():
-                    st.error(f"checkpoint not found: {path.strip()}")
+                if p.is_dir() and (p / "config.json").is_file():  # save_pretrained layout
+                    spec, key, label = str(p), f"{views.checkpoint_key(p / 'config.json')}:{p}", text
+                elif not p.is_file():
+                    st.error(f"not found: {text} (a checkpoint, a Hugging Face folder, timm:ARCH or hf:OWNER/NAME)")
                 else:
-                    spec, key, label = str(p), views.checkpoint_key(p), path.strip()
+                    spec, key, label = str(p), views.checkpoint_key(p), text
         else:
             weights = st.radio("Weights", ("none", "DEFAULT") if allowed.downloads else ("none",), key="vit_weights",
                                horizontal=True,
