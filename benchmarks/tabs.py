@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("VISATTN_DATA", ROOT.parent / "shared" / "datasets" / "cifar10"))
-DEFAULT_CKPT = ROOT / "checkpoints" / "sa_cnn.safetensors"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from visattn import paths
+
+ROOT = paths.root()
+DATA = paths.data()
+DEFAULT_CKPT = paths.default_checkpoint()
 
 PREDICTION = re.compile(r"Predicted (\S+) \((\d+\.\d)%\)")
 HAVE_BROWSER = bool(shutil.which("chromium") and shutil.which("chromedriver"))
