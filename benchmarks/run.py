@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from benchmarks.table import fmt
 from visattn import capture, create_model, paths
 from visattn.zoo import load_model
 
@@ -369,17 +370,6 @@ SECTIONS = {"capture": bench_capture, "foreign_capture": bench_foreign_capture, 
             "explain": bench_explain, "heads": bench_heads,
             "dashboard": bench_dashboard, "sessions": bench_sessions_section, "tabs": bench_tabs_section,
             "scaling": bench_scaling}
-
-
-def fmt(r: dict) -> str:
-    if "value" in r:
-        a, b = f"{r['value']:.0f} img/s", f"{r['baseline_value']:.0f} img/s"
-    else:
-        a, b = f"{r['seconds'] * 1000:.1f} ms", f"{r['baseline_seconds'] * 1000:.1f} ms"
-    extra = (f"trace keeps {r['kept_mb']:.1f} MB vs {r['baseline_kept_mb']:.1f} MB; peak memory of the first call "
-             f"+{r['peak_mb']:.0f} MB vs +{r['baseline_peak_mb']:.0f} MB (plain forward +{r['forward_peak_mb']:.0f} MB, "
-             f"{r['forward_seconds'] * 1000:.1f} ms); one query row {r['row_ms']:.2f} ms" if "peak_mb" in r else "")
-    return f"| {r['what']} | {a} | {r['baseline']}: {b} | {r['ratio']:.2f}× | {r.get('target', '')}{extra} |"
 
 
 def main() -> None:

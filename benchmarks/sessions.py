@@ -344,7 +344,7 @@ def bench_sessions(n: int = 20, alone: int = 3) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from benchmarks.run import fmt
+    from benchmarks.table import fmt
 
     for row in bench_sessions():
         print(fmt(row))
