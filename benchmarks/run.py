@@ -10,6 +10,7 @@ import argparse
 import datetime as dt
 import io
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -123,6 +124,55 @@ def bench_train(n: int = 8192) -> list[dict]:
     ours = next(l for l in lines if l["type"] == "epoch")["img_per_s"]
     return [{"what": "training images/s (sa_cnn, CPU)", "baseline": "seed loop (DataLoader, batch 100)",
              "value": ours, "baseline_value": seed, "ratio": ours / seed, "target": "≥ 2"}, *bench_attention_kernels()]
+
+
+def _form_run(folder: Path, name: str, **form: Any) -> dict[str, Any]:
+    """One Train-page run as the page starts it (a ``visattn train`` process): wall and CPU
+    seconds from start to the finished checkpoint, its last test accuracy, and the probe's
+    attention entropy (last attention layer) before training and at the end."""
+    import resource
+
+    from visattn.app import runs
+
+    os.environ["VISATTN_RUNS"] = str(folder)  # the page's runs/ folder, here a temporary one
+    argv = runs.train_argv(name, data=DATA, **form)
+    before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    subprocess.run(argv, cwd=ROOT, capture_output=True, check=True)
+    wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    record = runs.read_run(folder / f"{name}.metrics.jsonl")
+    _, entropy, uniform = list(record.entropy().values())[-1]
+    return {"seconds": wall, "cpu_seconds": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+            "accuracy": record.epochs[-1]["test_acc"], "entropy_start": entropy[0], "entropy_end": entropy[-1],
+            "uniform": uniform}
+
+
+def bench_train_form() -> list[dict]:
+    """The Train page's default form (what a teacher gets by pressing Start) against the
+    form's previous default (2 epochs of 5,000 images, sinusoidal encoding), both started
+    as the page starts them: time to the finished checkpoint, test accuracy, probe entropy."""
+    import tempfile
+
+    from visattn.app import runs
+
+    before = os.environ.get("VISATTN_RUNS")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            new = _form_run(Path(tmp), "form_default")
+            old = _form_run(Path(tmp), "form_before", epochs=2, pos_encoding="sinusoidal", subset=5000,
+                            eval_subset=1000)
+    finally:
+        os.environ.pop("VISATTN_RUNS", None)
+        if before is not None:
+            os.environ["VISATTN_RUNS"] = before
+    ok = "✓" if new["seconds"] <= 120 and new["accuracy"] >= 0.70 else "✗"
+    form = ", ".join(f"{k} {v}" for k, v in runs.DEFAULT_FORM.items())
+    return [{"what": f"Train page, default form ({form}): start to finished checkpoint, test accuracy "
+                     f"{new['accuracy']:.1%}, probe entropy {new['entropy_start']:.2f} → {new['entropy_end']:.2f} nats "
+                     f"(uniform {new['uniform']:.2f}), {new['cpu_seconds']:.0f} s of CPU",
+             "baseline": f"previous default form, test accuracy {old['accuracy']:.1%}, probe entropy "
+                         f"{old['entropy_start']:.2f} → {old['entropy_end']:.2f}",
+             "seconds": new["seconds"], "baseline_seconds": old["seconds"], "ratio": new["seconds"] / old["seconds"],
+             "target": f"≤ 120 s and ≥ 70% {ok}", "form": new, "form_before": old}]
 
 
 def bench_attention_kernels(batch: int = 512, tokens: int = 64, channels: int = 128, heads: int = 4) -> list[dict]:
@@ -367,7 +417,7 @@ def bench_tabs_section() -> list[dict]:
 
 
 SECTIONS = {"capture": bench_capture, "foreign_capture": bench_foreign_capture, "train": bench_train,
-            "explain": bench_explain, "heads": bench_heads,
+            "train_form": bench_train_form, "explain": bench_explain, "heads": bench_heads,
             "dashboard": bench_dashboard, "sessions": bench_sessions_section, "tabs": bench_tabs_section,
             "scaling": bench_scaling}
 

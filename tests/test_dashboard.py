@@ -269,7 +269,7 @@ def test_train_form_starts_and_stops_a_background_run(monkeypatch, tmp_path):
     at = app("train").run()
     assert not at.exception, problems(at)
     at.text_input(key="train_name").set_value("unit_test_run")
-    at.button[0].click().run()  # the form's submit button
+    at.button(key="train_start").click().run()
     assert not at.exception and not at.error, (problems(at), errors(at))
     (argv, kwargs), = started
     assert argv[1:5] == ["-m", "visattn", "train", "--model"] and kwargs["start_new_session"] is True
@@ -286,7 +286,7 @@ def test_train_form_starts_and_stops_a_background_run(monkeypatch, tmp_path):
     with run_lock(out):  # as a CLI run training into runs/busy.safetensors would
         assert lock_holder(out) == os.getpid()
         at.text_input(key="train_name").set_value("busy")
-        at.button[0].click().run()
+        at.button(key="train_start").click().run()
         assert not at.exception and len(at.error) == 1 and "another process" in at.error[0].value, errors(at)
     assert len(started) == 1 and (tmp_path / "busy.log").read_text() == "the other run's log"
     assert lock_holder(out) is None
@@ -312,6 +312,11 @@ def test_train_argv_is_validated():
         runs.train_argv("x", epochs=0)
     with pytest.raises(VisattnError):
         runs.train_argv("x", width=16, heads=3)
+    for images in (0, 511):
+        with pytest.raises(VisattnError, match="at least 512"):
+            runs.train_argv("x", subset=images)
+    assert runs.train_argv("x")[-12:] == ["--probe", "0", "--subset", "50000", "--set", "widths=(32,64,128)", "--set",
+                                          "heads=4", "--set", "similarity=dot", "--set", "pos_encoding=relative"]
 
 
 def test_read_metrics_tolerates_a_half_written_line(tmp_path):
@@ -321,8 +326,34 @@ def test_read_metrics_tolerates_a_half_written_line(tmp_path):
     steps, epochs = runs.read_metrics(p)
     assert [s["step"] for s in steps] == [1] and epochs[0]["test_acc"] == 0.5
     assert runs.read_metrics(tmp_path / "absent.jsonl") == ([], [])
-    figures.curves_figure(steps, epochs)
-    figures.curves_figure([], epochs)
+    old = runs.read_run(p)  # an older run: one map per epoch, no entropy, no status
+    assert old.probes() == [(1, {"attention": {"received": [[0.1]]}})] and old.entropy() == {} and old.status is None
+    assert old.probe_image == "0"
+    fig = figures.runs_figure({"old": old, "no epochs yet": runs.RunRecord(steps, [], None)})
+    names = [t.name for t in fig.data]
+    assert names[:3] == ["old", "old: training", "old: test"] and "no epochs yet" in names
+    assert list(fig.data[2].y) == [0.5] and list(fig.data[2].x) == [1.0]  # epoch 1 of 1 (no step count)
+
+
+def test_run_record_follows_probes_and_status(tmp_path):
+    layer = lambda e: {"stages.1.1": {"received": [[0.5, 0.5]], "entropy": e, "uniform": 0.693}}  # noqa: E731
+    p = tmp_path / "r.metrics.jsonl"
+    rows = [{"type": "step", "epoch": 1, "step": 0, "total_steps": 10, "probe_image": "7", "probe": layer(0.69)},
+            {"type": "step", "epoch": 1, "step": 3, "total_steps": 10, "loss": 2.0, "train_acc": 0.2, "probe": layer(0.6)},
+            {"type": "step", "epoch": 1, "step": 4, "total_steps": 10, "loss": 1.9, "train_acc": 0.3},
+            {"type": "epoch", "epoch": 1, "epochs": 2, "step": 5, "total_steps": 10, "loss": 1.8, "train_acc": 0.3,
+             "test_acc": 0.4, "probe": layer(0.5)}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from visattn.progress import StatusFile
+
+    StatusFile(tmp_path / "r.status.json").write("training", 5, 10, eta=12.0, force=True)
+    r = runs.read_run(p)
+    assert r.probe_image == "7" and [s for s, _ in r.probes()] == [0, 3, 5]
+    assert r.entropy() == {"stages.1.1": ([0, 3, 5], [0.69, 0.6, 0.5], 0.693)}
+    assert r.status["phase"] == "training" and r.status["eta"] == 12.0
+    fig = figures.runs_figure({"a": r, "b": r})
+    entropy = [t for t in fig.data if t.name.endswith("entropy")]
+    assert len(entropy) == 2 and list(entropy[0].x) == [0.0, 0.3, 0.5] and list(entropy[0].y) == [0.69, 0.6, 0.5]
 
 
 @pytest.mark.parametrize("config", [{"similarity": "dot", "pos_encoding": "relative"},

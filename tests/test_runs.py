@@ -96,3 +96,29 @@ def test_only_the_lab_may_start_runs(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(VisattnError, match="training is off on this public server"):
         runs.start_training("nope", [sys.executable, "-c", "pass"])
     assert list(tmp_path.iterdir()) == []
+
+
+# A stand-in run for an experiment: prints its name, exits with the given status.
+QUICK = "import sys; print(sys.argv[1], flush=True); sys.exit(int(sys.argv[2]))"
+
+
+def test_an_experiment_runs_in_turn_and_stops_at_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VISATTN_RUNS", str(tmp_path))
+    monkeypatch.setattr(runs, "_STARTED", {})
+    monkeypatch.delenv("VISATTN_PUBLIC", raising=False)
+    plan = [(name, [sys.executable, "-c", QUICK, name, code]) for name, code in (("a", "0"), ("b", "3"), ("c", "0"))]
+    proc = runs.start_in_turn(plan)
+    assert proc.wait(timeout=120) == 3  # b failed: its status ends the sequence
+    assert (tmp_path / "a.log").read_text() == "a\n" and (tmp_path / "b.log").read_text() == "b\n"
+    assert not (tmp_path / "c.log").exists()
+    assert (tmp_path / "a.log").stat().st_mtime <= (tmp_path / "b.log").stat().st_mtime
+    assert runs.running() == {}
+
+
+def test_unwritable_runs_folder_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("VISATTN_RUNS", str(tmp_path / "file" / "runs"))
+    monkeypatch.setattr(runs, "_STARTED", {})
+    monkeypatch.delenv("VISATTN_PUBLIC", raising=False)
+    with pytest.raises(VisattnError, match="cannot write the run's files in .*file/runs"):
+        runs.start_training("x", [sys.executable, "-c", "pass"])

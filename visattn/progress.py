@@ -1,5 +1,5 @@
 """The status file of a training run (``NAME.status.json`` beside its checkpoint): the
-phase it is in (loading, training, evaluating, done, failed), how far along, and the
+phase it is in (waiting for its turn, loading, training, evaluating, done, failed), how far along, and the
 estimated seconds left, rewritten whole (atomically) so that a reader never sees half.
 
 >>> import tempfile, pathlib
@@ -19,7 +19,7 @@ from typing import Any
 
 from visattn.checkpoint import atomic_write
 
-PHASES = ("loading", "training", "evaluating", "done", "failed")
+PHASES = ("waiting", "loading", "training", "evaluating", "done", "failed")
 
 
 class StatusFile:

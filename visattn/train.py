@@ -386,7 +386,8 @@ def _train(cfg: TrainConfig, resume: bool, status: StatusFile | None) -> tuple[n
     clock = _Clock(steps=(end - start) * steps_per_epoch, epochs=end - start, eval_images=len(test_split),
                    batch_size=cfg.batch_size)
     if metrics and not resuming:  # the untrained model's attention: the starting point of the probe curves
-        _write(metrics, {"type": "step", "epoch": 1, "step": 0, "total_steps": total, "probe": probe(model, probe_x)})
+        _write(metrics, {"type": "step", "epoch": 1, "step": 0, "total_steps": total, "probe_image": cfg.probe,
+                         "probe": probe(model, probe_x)})
     meta: dict[str, Any] = {}
     for epoch in range(start, end):
         net.train()

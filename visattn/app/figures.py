@@ -37,28 +37,41 @@ def heatmap_figure(m: np.ndarray, title: str, colorbar: str, cell: tuple[int, in
     return fig
 
 
-def curves_figure(steps: list[dict[str, Any]], epochs: list[dict[str, Any]]):
-    """Loss (left) and accuracy (right) against the training step, from a metrics file."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", "accuracy"))
-    if steps:
-        x = [r.get("step") for r in steps]
-        fig.add_trace(go.Scatter(x=x, y=[r.get("loss") for r in steps], name="train loss", mode="lines"), 1, 1)
-        fig.add_trace(go.Scatter(x=x, y=[r.get("train_acc") for r in steps], name="train accuracy", mode="lines"), 1, 2)
-    if epochs:
-        # epoch lines at the step where each epoch ended (steps per epoch from the step lines)
-        per_epoch = (steps[-1].get("step", 0) / max(steps[-1].get("epoch", 1), 1)) if steps else 1
-        x = [r.get("epoch", 0) * per_epoch for r in epochs]
-        if not steps:  # too few steps for step lines: plot the epoch lines alone
-            fig.add_trace(go.Scatter(x=x, y=[r.get("loss") for r in epochs], name="train loss (epoch)",
-                                     mode="lines+markers"), 1, 1)
-            fig.add_trace(go.Scatter(x=x, y=[r.get("train_acc") for r in epochs], name="train accuracy (epoch)",
-                                     mode="lines+markers"), 1, 2)
-        fig.add_trace(go.Scatter(x=x, y=[r.get("test_acc") for r in epochs], name="test accuracy (end of epoch)",
-                                 mode="lines+markers", marker={"size": 10}), 1, 2)
-    fig.update_xaxes(title="step" if steps else "epoch")
+def runs_figure(records: dict[str, Any]):
+    """Training runs overlaid, one colour each, against the fraction of training done: the
+    training loss (left); accuracy (middle: training as a dotted line, test at the end of
+    each epoch as markers); the probe's mean attention entropy in the last attention layer
+    (right), with uniform attention's log N dashed. ``records``: ``{label: runs.RunRecord}``."""
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("loss", "accuracy", "attention entropy (last layer)"))
+    uniform = None
+    for i, (label, r) in enumerate(records.items()):
+        colour = f"hsl({int(360 * i / max(len(records), 1))},70%,45%)"
+        total = next((x["total_steps"] for x in r.steps + r.epochs if x.get("total_steps")), 0) or 1
+
+        def done(rows: list[dict[str, Any]]) -> list[float]:
+            return [x.get("step", x.get("epoch", 0) * total / max(x.get("epochs", 1), 1)) / total for x in rows]
+
+        def line(rows, y, col, **kw) -> None:
+            fig.add_trace(go.Scatter(x=done(rows), y=y, legendgroup=label, line={"color": colour}, **kw), 1, col)
+
+        trained = [x for x in r.steps if "loss" in x] or r.epochs
+        line(trained, [x["loss"] for x in trained], 1, name=label, mode="lines")
+        line(trained, [x.get("train_acc") for x in trained], 2, name=f"{label}: training", mode="lines",
+             line_dash="dot", showlegend=False)
+        line(r.epochs, [x.get("test_acc") for x in r.epochs], 2, name=f"{label}: test", mode="lines+markers",
+             marker={"size": 10}, showlegend=False)
+        entropy = r.entropy()
+        if entropy:
+            steps, values, uniform = entropy[list(entropy)[-1]]
+            fig.add_trace(go.Scatter(x=[s / total for s in steps], y=values, legendgroup=label, showlegend=False,
+                                     line={"color": colour}, mode="lines+markers", name=f"{label}: entropy"), 1, 3)
+    if uniform is not None:
+        fig.add_hline(y=uniform, line_dash="dash", line_color="grey", annotation_text="uniform (log N)", row=1, col=3)
+    fig.update_xaxes(title="fraction of training", range=[0, 1.02])
     fig.update_yaxes(title="cross-entropy", row=1, col=1)
-    fig.update_yaxes(title="accuracy", range=[0, 1], row=1, col=2)
-    fig.update_layout(height=380, font={"size": FONT - 2}, margin={"l": 10, "r": 10, "t": 40, "b": 10},
+    fig.update_yaxes(title="accuracy (test: markers)", range=[0, 1], row=1, col=2)
+    fig.update_yaxes(title="nats", row=1, col=3)
+    fig.update_layout(height=400, font={"size": FONT - 2}, margin={"l": 10, "r": 10, "t": 40, "b": 10},
                       legend={"orientation": "h", "y": -0.25})
     return fig
 
