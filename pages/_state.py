@@ -40,7 +40,6 @@ DEFAULTS: dict[str, Any] = {
     "head": MEAN_OF_HEADS,
     "target": -1,  # Compare: class index explained (-1: the predicted class)
     "cam_layer": None,
-    "train_monitor": None,  # Train: metrics file label shown
 }
 
 

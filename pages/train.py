@@ -198,7 +198,8 @@ def draw_map(col, image: np.ndarray | None, layer: dict, title: str) -> None:
     picture = figures.overlay_large(image, m, 0.6, cmap, size=224) if image is not None else \
         figures.overlay_large(np.zeros((32, 32, 3), np.uint8), m, 1.0, cmap, size=224)
     entropy = f" · entropy {layer['entropy']:.2f} of log N = {layer['uniform']:.2f}" if "entropy" in layer else ""
-    col.image(picture, caption=f"{title}{entropy}")
+    col.image(picture)
+    col.caption(f"{title}{entropy}")
 
 
 def probe_split(spec: str):
@@ -240,7 +241,6 @@ def compare_runs(records: dict[str, runs.RunRecord], now: dict[str, int]) -> Non
             if probes:
                 name, layer = list(probes[-1][1].items())[-1]
                 draw_map(st, runs.probe_picture(record.probe_image, probe_split(record.probe_image)), layer, name)
-
 
 
 if __name__ == "__main__":  # a fresh server's first request for /train (see pages/__init__.py)

@@ -26,7 +26,7 @@ def imported(path: Path) -> set[str]:
 
 
 def test_the_library_imports_neither_streamlit_nor_the_app():
-    assert len(LIBRARY) > 20 and len(APP) == 7
+    assert len(LIBRARY) > 20 and len(APP) >= 7
     for path in LIBRARY:
         bad = {n for n in imported(path) if n.split(".")[0] in ("streamlit", "pages") or n.startswith("visattn.app")}
         assert not bad, (path.name, bad)

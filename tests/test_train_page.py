@@ -93,9 +93,10 @@ def test_the_watch_view_follows_a_new_run_to_explore(lab: Path) -> None:
     steps = [s for s, _ in record.probes()]
     assert steps[0] == 0 and len(steps) > len(record.epochs) + 1  # probes inside epochs, not only at their ends
     layers = list(record.probes()[-1][1])
-    captions = [c for i in at.get("imgs") for c in (getattr(i.proto, "imgs", None) or [])]
-    assert sum(any(layer in im.caption for layer in layers) for im in captions) == len(layers), captions
-    assert runs.run_label("tiny") + ".safetensors" in at.selectbox(key="checkpoint_label").options  # in the sidebar
+    captions = [c.value for c in at.caption if "entropy" in c.value]  # one under each layer's map
+    assert [c.split(" · ")[0] for c in captions] == layers, captions
+    options = at.selectbox(key="checkpoint_label").options  # the sidebar's picker, as "label · model · accuracy"
+    assert any(o.startswith(runs.run_label("tiny") + ".safetensors · sa_cnn") for o in options), options
     at.button(key="explore_tiny.safetensors").click().run()
     assert not at.exception, [e.value for e in at.exception]
     assert at.session_state["checkpoint_label"] == runs.run_label("tiny") + ".safetensors"
