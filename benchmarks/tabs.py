@@ -5,8 +5,8 @@ a real ``streamlit run dashboard.py`` server (or several behind nginx, ``deploy/
 Debian's Chromium driven by Selenium, one tab per user. Every tab opens Explore, switches
 the image source to "Upload an image" and gets a small script that timestamps, inside the
 page, the ``change`` event of the file input (t0) and the first moment after it when the
-page is settled (t1): the prediction line and the clickable image are shown and no
-spinner or "running" status is left. Then all N tabs get their file (one WebDriver
+page is settled (t1): the chosen file's name, the prediction line and the clickable image
+are shown and no spinner or "running" status is left. Then all N tabs get their file (one WebDriver
 command each, a few ms apart) and their t1 - t0 are read back; ``latency`` is that
 difference (upload, script run, every element drawn by the browser).
 
@@ -43,10 +43,11 @@ HAVE_BROWSER = bool(shutil.which("chromium") and shutil.which("chromedriver"))
 
 # Timestamps in the page: t0 when a file is chosen, t1 when the page has settled after it.
 WATCH = """
-const va = window.__va = {t0: null, t1: null, checks: 0};
+const va = window.__va = {t0: null, t1: null, file: null, checks: 0};
 function settled() {
   if (document.querySelector('[data-testid="stStatusWidget"], [data-testid="stSpinner"]')) return false;
   if (!document.querySelector('iframe[title*="streamlit_image_coordinates"]')) return false;
+  if (!document.body.innerText.includes(va.file)) return false;  // this upload's page, not the previous one
   return [...document.querySelectorAll('[data-testid="stMarkdownContainer"]')]
     .some(e => e.innerText.startsWith('Predicted '));
 }
@@ -55,7 +56,9 @@ function check() {
   if (va.t0 !== null && va.t1 === null && settled()) va.t1 = performance.now();
 }
 document.addEventListener('change', e => {
-  if (e.target.type === 'file') { va.t0 = performance.now(); va.t1 = null; }
+  if (e.target.type === 'file' && e.target.files.length) {
+    va.t0 = performance.now(); va.t1 = null; va.file = e.target.files[0].name;
+  }
 }, true);
 new MutationObserver(check).observe(document.body, {subtree: true, childList: true, attributes: true});
 """

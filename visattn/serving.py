@@ -62,9 +62,9 @@ class Policy:
         if not self.public:
             return ""
         return (f"Public server: training, checkpoints by server path and weight downloads are off; "
-                f"checkpoint uploads up to {self.checkpoint_upload_bytes // 2**20} MB; integrated gradients, "
-                f"occlusion and the sanity check wait their turn ({SLOW_QUEUE.workers} at a time, "
-                f"{SLOW_QUEUE.per_session} per user).")
+                f"checkpoint uploads up to {self.checkpoint_upload_bytes // 2**20} MB; the slow explanations "
+                f"(integrated gradients, occlusion, ...) and the sanity check wait their turn "
+                f"({SLOW_QUEUE.workers} at a time, {SLOW_QUEUE.per_session} per user).")
 
 
 def policy(environ: Mapping[str, str] | None = None, argv: Sequence[str] | None = None) -> Policy:
