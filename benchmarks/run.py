@@ -416,10 +416,48 @@ def bench_tabs_section() -> list[dict]:
     return bench_tabs()
 
 
+# ----------------------------------------------------------------------------- atlas and offline session
+def bench_atlas(n: int = 1000) -> list[dict]:
+    """Extraction of Q and K for the atlas (1,000 test images) against a plain forward pass of
+    the same images; the cached atlas's lookup (what the Atlas page does per rerun, PCA atlas
+    built first in a temporary folder) and the offline session export against one forward."""
+    import tempfile
+
+    from visattn import atlas, export
+    from visattn.data import load_split
+    from visattn.inference import model_inputs
+    from visattn.app.views import sample_png
+
+    model, meta = default_model()
+    split = load_split(str(DATA), "test")
+    x = model_inputs(split.images[split.sample_indices(n)], meta)
+    with torch.no_grad():
+        plain = timeit(lambda: model(x), repeat=3, warmup=1)
+    extract = timeit(lambda: atlas.extract(model, x), repeat=3, warmup=1)
+    one = x[:1]
+    with torch.no_grad():
+        single = timeit(lambda: model(one), repeat=20)
+    rows = [{"what": f"atlas: Q/K extraction, {n} images", "baseline": "plain forward of the same images",
+             "seconds": extract, "baseline_seconds": plain, "ratio": extract / plain, "target": "< 60 s"}]
+    with tempfile.TemporaryDirectory() as tmp:
+        atlas.build_atlas(model, meta, split, n=n, method="pca", cache=tmp)
+        lookup = timeit(lambda: atlas.build_atlas(model, meta, split, n=n, method="pca", cache=tmp, cached_only=True),
+                        repeat=5, warmup=1)
+    rows.append({"what": f"atlas: cached atlas lookup and load ({n} images)", "baseline": "plain forward, 1 image",
+                 "seconds": lookup, "baseline_seconds": single, "ratio": lookup / single, "target": "page < 2 s"})
+    png = sample_png(split, 0)
+    html = timeit(lambda: export.session_html(model, meta, png), repeat=1, warmup=0)
+    rows.append({"what": "offline session export (all methods)", "baseline": "plain forward, 1 image",
+                 "seconds": html, "baseline_seconds": single, "ratio": html / single,
+                 "target": f"{len(export.session_html(model, meta, png, methods=())) / 2**20:.2f} MB without scores"})
+    return rows
+
+
+
 SECTIONS = {"capture": bench_capture, "foreign_capture": bench_foreign_capture, "train": bench_train,
             "train_form": bench_train_form, "explain": bench_explain, "heads": bench_heads,
             "dashboard": bench_dashboard, "sessions": bench_sessions_section, "tabs": bench_tabs_section,
-            "scaling": bench_scaling}
+            "scaling": bench_scaling, "atlas": bench_atlas}
 
 
 def main() -> None:
