@@ -91,7 +91,9 @@ def test_the_watch_view_follows_a_new_run_to_explore(lab: Path) -> None:
     assert progress_texts(at) == [f"done: test accuracy {max(e['test_acc'] for e in record.epochs):.1%}"]
     assert at.metric[2].value == f"{record.epochs[-1]['test_acc']:.1%}"
     steps = [s for s, _ in record.probes()]
-    assert steps[0] == 0 and len(steps) > len(record.epochs) + 1  # probes inside epochs, not only at their ends
+    # a probe before training and at least one per epoch; how many fall inside an epoch depends on the CPU's
+    # pace (one every probe_seconds), so that is tested with probe_seconds=0 in tests/test_probe.py
+    assert steps[0] == 0 and len(steps) >= len(record.epochs) + 1 and steps == sorted(steps)
     layers = list(record.probes()[-1][1])
     captions = [c.value for c in at.caption if "entropy" in c.value]  # one under each layer's map
     assert [c.split(" · ")[0] for c in captions] == layers, captions
