@@ -96,7 +96,7 @@ def test_hub_id_opens_from_the_cache_offline(tmp_path: Path, monkeypatch: pytest
     x = torch.randn(1, 3, SIDE, SIDE)
     same_attention(model, original, x)
     assert meta["source"] == "hf:someone/tiny-dinov2-reg"
-    with pytest.raises(CheckpointError, match=r"^hf:someone/absent is not in the Hugging Face cache .* HF_HUB_OFFLINE"):
+    with pytest.raises(CheckpointError, match=r"^hf:someone/absent: not in the Hugging Face cache .* HF_HUB_OFFLINE"):
         load_model("hf:someone/absent")
 
 
@@ -150,8 +150,18 @@ def test_pickles_are_refused_without_running(tmp_path: Path) -> None:
     assert not proof.exists()
 
 
-def test_weights_that_do_not_fit_name_the_first_key(tmp_path: Path) -> None:
+def test_weights_that_do_not_fit_name_the_first_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm
+
     save_file(tiny_timm("vit").state_dict(), tmp_path / "w.safetensors")
+    devices, create = [], timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: devices.append(torch.get_default_device().type)
+                        or create(*a, **k))
+    with pytest.raises(CheckpointError, match=r"^w.safetensors does not fit this architecture: cls_token has "
+                                              r"shape \[1, 1, 32\], the model needs \[1, 1, 1024\]$"):
+        load_model("timm:vit_large_patch16_224", weights=tmp_path / "w.safetensors")
+    assert devices == ["meta"]  # ViT-L's 300M parameters were never allocated for a misfit file
+    monkeypatch.setattr(timm, "create_model", create)
     with pytest.raises(CheckpointError, match=r"^w.safetensors does not fit this architecture: cls_token has shape "
                                               r"\[1, 1, 32\], the model needs \[1, 1, 64\]$"):
         load_model("timm:vit_tiny_patch16_224", weights=tmp_path / "w.safetensors", options={**TIMM_BASE, "embed_dim": 64})
@@ -205,3 +215,39 @@ def test_visattn_checkpoints_open_as_before(tmp_path: Path) -> None:
     save_file(original.state_dict(), tmp_path / "bare.safetensors")
     with pytest.raises(CheckpointError, match="bare.safetensors is a bare state dict: say which architecture"):
         load_model(tmp_path / "bare.safetensors")
+
+
+def test_timm_pretrained_opens_from_the_hub_cache_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm
+    from huggingface_hub import constants
+
+    tiny = {k: v for k, v in TIMM_BASE.items() if k != "num_classes"}  # ImageNet's 1,000 classes, as pretrained
+    original = timm.create_model("vit_tiny_patch16_224", **tiny).eval()
+    (tmp_path / "saved").mkdir()
+    save_file(original.state_dict(), tmp_path / "saved" / "model.safetensors")
+    cache = hub_cache(tmp_path / "cache", "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", tmp_path / "saved")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    model, meta = load_model("timm:vit_tiny_patch16_224", pretrained=True, options=tiny)
+    x = torch.randn(2, 3, SIDE, SIDE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x), **TOL)
+    assert meta["weights"] == "pretrained" and len(meta["classes"]) == 1000 and meta["classes"][0] == "tench"
+    with pytest.raises(CheckpointError, match=r"^timm:deit_tiny_patch16_224 pretrained weights \(timm/deit_tiny_patch16"
+                                              r"[^)]*\): not in the Hugging Face cache .* HF_HUB_OFFLINE is set"):
+        load_model("timm:deit_tiny_patch16_224", pretrained=True, options=tiny)
+
+
+@pytest.mark.parametrize("source", ["hf:someone/absent", "timm:deit_tiny_patch16_224"])
+def test_an_unreachable_hub_is_one_line_without_retries(source: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online mode, but the hub's host refuses connections: one line from visattn's probe
+    (huggingface_hub's own download would retry for about a minute first)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(CheckpointError) as e:
+        load_model(source, pretrained=source.startswith("timm:"))
+    assert "\n" not in str(e.value) and "127.0.0.1:9 cannot be reached" in str(e.value) and "offline?" in str(e.value)

@@ -65,7 +65,7 @@ def test_predict_hub_id_offline_from_the_cache(tmp_path: Path, photo: Path) -> N
     assert top_of(r.stdout) == [[c, pytest.approx(p, abs=1e-5)] for c, p in predict_image(model, meta, photo.read_bytes())]
     assert {c for c, _ in top_of(r.stdout)} <= {"cat", "dog", "fox", "owl", "bee"}
     r = run("predict", "hf:someone/not-cached", str(photo), env=env)
-    assert r.returncode == 2 and r.stderr.startswith("error: hf:someone/not-cached is not in the Hugging Face cache")
+    assert r.returncode == 2 and r.stderr.startswith("error: hf:someone/not-cached: not in the Hugging Face cache")
     assert len(r.stderr.strip().splitlines()) == 1
 
 

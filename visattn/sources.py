@@ -35,6 +35,7 @@ MAX_WEIGHTS_BYTES = 2 * 1024**3
 MAX_JSON_BYTES = 8 * 1024 * 1024  # config.json with 21,843 ImageNet-21k labels is ~1 MB
 MAX_CLASSES = 100_000
 _CONFIG_INT_BOUND = 100_000
+HUB_PROBE_SECONDS = 5  # how long an unreachable hub is waited for
 _PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".pkl", ".pickle", ".ckpt")
 _REPO_ID = re.compile(r"^[\w.-]{1,96}/[\w.-]{1,96}$")
 _OPTION_KEY = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
@@ -107,11 +108,11 @@ def refuse_pickle(path: Path) -> None:
                               f"pickle. Convert it once where you trust it: {CONVERT.format(src=path.name, dst=dst)}")
 
 
-def load_state_dict(model: nn.Module, path: str | os.PathLike, *, max_bytes: int = MAX_WEIGHTS_BYTES) -> None:
-    """Load a safetensors state dict into ``model`` strictly; names and shapes are compared
-    from the file's header before any tensor is read (the first mismatch is named)."""
+def check_state_dict(model: nn.Module, path: str | os.PathLike, *, max_bytes: int = MAX_WEIGHTS_BYTES) -> None:
+    """Refuse a weights file that is not a safetensors state dict of exactly ``model``'s
+    names and shapes, read from the file's header alone (the first mismatch is named).
+    ``model`` may live on the meta device."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
@@ -134,7 +135,14 @@ def load_state_dict(model: nn.Module, path: str | os.PathLike, *, max_bytes: int
     extra = sorted(found.keys() - expected.keys())
     if extra:
         raise CheckpointError(f"{path.name} does not fit this architecture: unexpected tensor {extra[0]}")
-    model.load_state_dict(load_file(path), strict=True)
+
+
+def load_state_dict(model: nn.Module, path: str | os.PathLike, *, max_bytes: int = MAX_WEIGHTS_BYTES) -> None:
+    """Load a safetensors state dict into ``model`` strictly, after :func:`check_state_dict`."""
+    from safetensors.torch import load_file
+
+    check_state_dict(model, path, max_bytes=max_bytes)
+    model.load_state_dict(load_file(Path(path)), strict=True)
 
 
 def _checked_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -166,6 +174,12 @@ def _build(what: str, build) -> nn.Module:
         raise CheckpointError(f"cannot build {what}: {e}".splitlines()[0]) from None
 
 
+def _on_meta(build) -> nn.Module:
+    """The module ``build()`` makes, on the meta device (shapes only, no memory)."""
+    with torch.device("meta"):
+        return build()
+
+
 def _num_classes(model: nn.Module) -> int:
     n = getattr(model, "num_classes", None)
     if isinstance(n, int) and n > 0:
@@ -192,6 +206,10 @@ def _open_timm(arch: str, weights, pretrained: bool, options: dict[str, Any]) ->
 
     if not timm.is_model(arch):
         raise CheckpointError(f"unknown timm architecture {arch!r} (timm.list_models() lists them)")
+    if weights is not None:  # names and shapes compared on the meta device: nothing allocated for a misfit
+        check_state_dict(_build(f"timm:{arch}", lambda: _on_meta(lambda: timm.create_model(arch, **options))), weights)
+    if pretrained:
+        options = {**options, **_timm_weights_file(arch)}
     model = _build(f"timm:{arch}", lambda: timm.create_model(arch, pretrained=pretrained, **options))
     how = _attach(model, weights, pretrained)
     cfg = timm.data.resolve_model_data_config(model)
@@ -214,6 +232,11 @@ def _open_torchvision(arch: str, weights, pretrained: bool, options: dict[str, A
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise CheckpointError(f"unknown torchvision classification architecture {arch!r}")
     default = torchvision.models.get_model_weights(arch).DEFAULT
+    if weights is not None:
+        check_state_dict(_build(f"torchvision:{arch}", lambda: _on_meta(
+            lambda: torchvision.models.get_model(arch, weights=None, **options))), weights)
+    if pretrained and not (Path(torch.hub.get_dir()) / "checkpoints" / Path(default.url).name).is_file():
+        _may_download(f"torchvision:{arch} pretrained weights", default.url, "the torch hub cache")
     model = _build(f"torchvision:{arch}", lambda: torchvision.models.get_model(
         arch, weights=default if pretrained else None, **options))
     how = _attach(model, weights, pretrained)
@@ -375,9 +398,50 @@ def _pair_first(v: Any) -> Any:
     return v[0] if isinstance(v, list) and v else v
 
 
+def _may_download(what: str, url: str, cache: str) -> None:
+    """Return when ``url`` can be downloaded from; else one line saying why (HF_HUB_OFFLINE
+    set, or its host unreachable within :data:`HUB_PROBE_SECONDS`): offline never waits on
+    a library's retries."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise CheckpointError(f"{what}: not in {cache} and HF_HUB_OFFLINE is set: open a saved file or folder, "
+                              "or download them once online")
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_PROBE_SECONDS).close()
+    except urllib.error.HTTPError:
+        return  # the host answered
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise CheckpointError(f"{what}: not in {cache} and {url.split('/')[2] if '//' in url else url} cannot be "
+                              f"reached ({reason}): offline? open a saved file or folder instead") from None
+
+
+def _timm_weights_file(arch: str) -> dict[str, Any]:
+    """timm's pretrained weights of ``arch`` from the Hugging Face cache when they are there
+    (``pretrained_cfg_overlay``: timm loads that file, no network); else checks the hub can be
+    reached and lets timm download them."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    repo = getattr(cfg, "hf_hub_id", None)
+    if repo:
+        for name in ([cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors"]):
+            cached = try_to_load_from_cache(repo, name)
+            if isinstance(cached, str):
+                return {"pretrained_cfg_overlay": {"file": cached}}
+    url = f"{constants.ENDPOINT}/{repo}" if repo else getattr(cfg, "url", None) or constants.ENDPOINT
+    _may_download(f"timm:{arch} pretrained weights ({repo or url})", url, f"the Hugging Face cache ({constants.HF_HUB_CACHE})")
+    return {}
+
+
 def _hub_snapshot(repo_id: str) -> Path:
     """The cached snapshot of ``repo_id``; downloaded (safetensors and configs only) when it
-    is not cached and the hub may be used. Offline and not cached: one line, no wait."""
+    is not cached and the hub can be reached. Offline and not cached: one line, no wait."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -386,9 +450,7 @@ def _hub_snapshot(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
     except LocalEntryNotFoundError:
-        if constants.HF_HUB_OFFLINE:
-            raise CheckpointError(f"hf:{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-                                  "HF_HUB_OFFLINE is set: open a saved folder, or download it once online") from None
+        _may_download(f"hf:{repo_id}", f"{constants.ENDPOINT}/{repo_id}", f"the Hugging Face cache ({constants.HF_HUB_CACHE})")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, etag_timeout=10))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
