@@ -2,10 +2,11 @@
 analysis of that image by that model.
 
 * :func:`model_picker` (the sidebar) and :func:`require_model`: shipped checkpoints and
-  finished runs, a user's ``.safetensors`` upload, a path, or torchvision's ViT-B/16 (the
-  public mode offers no path, no weight download and smaller uploads).
-  Models are loaded once per process (``st.cache_resource``) keyed on the checkpoint's
-  path + mtime + size, the upload's sha256, or the torchvision spec, and shared by every
+  finished runs, a user's visattn ``.safetensors`` upload, a timm/torchvision architecture
+  with an uploaded state dict, a path (checkpoint, Hugging Face folder), a hub id, or
+  torchvision's ViT-B/16 (the public mode offers no path, no hub, no weight download and
+  smaller uploads). Models are loaded once per process (``st.cache_resource``) keyed on
+  the checkpoint's path + mtime + size, the uploads' sha256, or the source, and shared by every
   session: pages only use ``visattn.capture`` (thread-safe) and ``visattn.explain``
   (which locks) on them, never ``.train()`` or hooks.
 * :func:`image_source`: a test-set sample (with its true label) or an upload.
@@ -17,21 +18,25 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import streamlit as st
 from torch import nn
 
 from pages._state import IMAGE_SOURCES, guard, init_state, log, one_line, persistent, policy
-from visattn import inference, paths, zoo
+from visattn import inference, paths, sources, zoo
 from visattn.app import views
 from visattn.app.memo import ByteLRU
 from visattn.errors import VisattnError
 from visattn.image_io import MAX_BYTES, MAX_JPEG_PIXELS, MAX_PIXELS
 
-MODEL_SOURCES = ("Checkpoint", "Upload .safetensors", "Path on the server", "torchvision ViT-B/16")
+CHECKPOINT, UPLOAD, ARCHITECTURE, PATH, HUB, TORCHVISION = MODEL_SOURCES = (
+    "Checkpoint", "Upload .safetensors", "Architecture + weights", "Path on the server", "Hub id (download)",
+    "torchvision ViT-B/16")
+WEIGHT_TYPES = ["safetensors", "bin", "pth", "pt", "ckpt", "pkl"]  # the pickles too: each is told how to convert
 IMAGE_LIMITS = (f"PNG, JPEG, GIF, WebP, TIFF, BMP… · up to {MAX_BYTES // 2**20} MB; JPEG photos up to "
                 f"{MAX_JPEG_PIXELS / 1e6:.0f} MP (decoded reduced), other images up to {MAX_PIXELS / 1e6:.0f} MP · "
                 "the model sees a centre crop")
@@ -46,8 +51,8 @@ class ModelHandle:
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
-def _load_model(key: str, _spec: str | bytes) -> tuple[nn.Module, dict[str, Any]]:
-    return zoo.load_model(_spec)
+def _load_model(key: str, _open: Callable[[], tuple[nn.Module, dict[str, Any]]]) -> tuple[nn.Module, dict[str, Any]]:
+    return _open()
 
 
 def _model_summary(meta: dict[str, Any]) -> str:
@@ -63,6 +68,65 @@ def _model_summary(meta: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def _architecture(limit_mb: int) -> tuple[Callable | None, str, str]:
+    """An architecture by name (timm:/torchvision:), its options, and an uploaded state dict:
+    (opener, cache key, label); opener None until there is something to open."""
+    arch = st.text_input("Architecture", key="arch_name", placeholder="timm:vit_base_patch16_224 or "
+                         "torchvision:vit_b_16").strip()
+    options = st.text_input("Architecture options", key="arch_options", placeholder="num_classes=10 img_size=224",
+                            help="KEY=VALUE arguments of the architecture, separated by spaces").strip()
+    up = st.file_uploader("Weights: a .safetensors state dict", type=WEIGHT_TYPES, key="weights_upload",
+                          max_upload_size=limit_mb)
+    st.caption(f"save_file(model.state_dict(), 'w.safetensors') from safetensors.torch, up to {limit_mb} MB; checked "
+               "against the architecture before it is built. No pickles (.bin, .pth). "
+               + ("Without weights: random." if policy().downloads else "Weights are needed on this server."))
+    if not arch:
+        return None, "", ""
+    if arch.split(":", 1)[0] not in ("timm", "torchvision"):
+        st.error(f"{arch}: an architecture is timm:NAME or torchvision:NAME")
+        return None, "", ""
+    opts = sources.parse_options(options.split(), flag="an option")
+    if up is None:
+        if not policy().downloads:
+            return None, "", ""
+        return partial(sources.load_model, arch, options=opts), f"arch:{arch}:{options}:random", f"{arch} (random weights)"
+    data = up.getvalue()
+    return (partial(sources.load_with_upload, arch, data, up.name, options=opts, max_bytes=limit_mb * 2**20),
+            f"arch:{arch}:{options}:{views.sha256(data)}", f"{arch} + {up.name}")
+
+
+def _hub() -> tuple[Callable | None, str, str]:
+    """A hub id: ``hf:OWNER/NAME``, or ``timm:``/``torchvision:`` pretrained (cache first)."""
+    text = st.text_input("Hub id", key="hub_id", placeholder="hf:google/vit-base-patch16-224 or "
+                         "timm:vit_base_patch16_224").strip()
+    st.caption("From the local cache when it is there, else downloaded (safetensors and configs); offline, it says so.")
+    if not text:
+        return None, "", ""
+    kind = text.split(":", 1)[0]
+    if kind not in ("hf", "timm", "torchvision"):
+        st.error(f"{text}: a hub id is hf:OWNER/NAME, timm:ARCH or torchvision:ARCH")
+        return None, "", ""
+    return partial(sources.load_model, text, pretrained=kind != "hf"), f"hub:{text}", f"{text} (pretrained)"
+
+
+def _server_path() -> tuple[Callable | None, str, str]:
+    """A checkpoint or Hugging Face folder on the server, or a SOURCE string (lab mode)."""
+    text = st.text_input("Checkpoint path or SOURCE", key="checkpoint_path",
+                         placeholder="runs/my_run.safetensors, a Hugging Face folder, timm:ARCH, hf:OWNER/NAME").strip()
+    if text.split(":", 1)[0] in ("timm", "torchvision", "hf"):
+        return partial(zoo.load_model, text), text, text  # built by its library (hf: from the hub cache first)
+    if not text:
+        return None, "", ""
+    p = Path(text).expanduser()
+    p = p if p.is_absolute() else paths.root() / p
+    if p.is_dir() and (p / "config.json").is_file():  # save_pretrained layout
+        return partial(zoo.load_model, str(p)), f"{views.checkpoint_key(p / 'config.json')}:{p}", text
+    if not p.is_file():
+        st.error(f"not found: {text} (a checkpoint, a Hugging Face folder, timm:ARCH or hf:OWNER/NAME)")
+        return None, "", ""
+    return partial(zoo.load_model, str(p)), views.checkpoint_key(p), text
+
+
 def model_picker() -> ModelHandle | None:
     """The sidebar model choice; stores and returns a :class:`ModelHandle` (None: none yet)."""
     init_state()
@@ -70,55 +134,47 @@ def model_picker() -> ModelHandle | None:
     with st.sidebar:
         st.header("Model")
         allowed = policy()
-        sources = [s for s in MODEL_SOURCES if allowed.server_paths or s != MODEL_SOURCES[2]]
-        source = st.radio("Model source", sources, key="model_source")
-        spec: str | bytes | None = None
+        sources_here = [s for s in MODEL_SOURCES if (allowed.server_paths or s != PATH) and (allowed.downloads or s != HUB)]
+        source = st.radio("Model source", sources_here, key="model_source")
+        opener: Callable | None = None
         key = label = ""
-        if source == MODEL_SOURCES[0]:
-            checkpoints = views.list_checkpoints()
-            if not checkpoints:
-                st.info("No checkpoint yet in checkpoints/ or runs/. The default one appears after its first "
-                        "training epoch; meanwhile pick the torchvision ViT or upload a checkpoint.")
-            else:
-                label = st.selectbox("Checkpoint", list(checkpoints), key="checkpoint_label",
-                                     format_func=lambda lab: views.describe_checkpoint(lab, checkpoints[lab]))
-                spec = checkpoints[label]["path"]
-                with guard("checkpoint"):
-                    key = views.checkpoint_key(spec)
-        elif source == MODEL_SOURCES[1]:
-            limit = allowed.checkpoint_upload_bytes // 2**20
-            up = st.file_uploader("Your visattn checkpoint", type=["safetensors"], key="checkpoint_upload",
-                                  max_upload_size=limit)
-            st.caption(f".safetensors written by visattn (no pickles), up to {limit} MB; "
-                       "checked before any model is built.")
-            if up is not None:
-                spec = up.getvalue()
-                key, label = f"upload:{views.sha256(spec)}", up.name
-        elif source == MODEL_SOURCES[2]:
-            path = st.text_input("Checkpoint path or SOURCE", key="checkpoint_path",
-                                 placeholder="runs/my_run.safetensors, a Hugging Face folder, timm:ARCH, hf:OWNER/NAME")
-            text = path.strip()
-            if text.split(":", 1)[0] in ("timm", "torchvision", "hf"):
-                spec = key = label = text  # built by its library (hf: from the hub cache, downloaded if missing)
-            elif text:
-                p = Path(text).expanduser()
-                p = p if p.is_absolute() else paths.root() / p
-                if p.is_dir() and (p / "config.json").is_file():  # save_pretrained layout
-                    spec, key, label = str(p), f"{views.checkpoint_key(p / 'config.json')}:{p}", text
-                elif not p.is_file():
-                    st.error(f"not found: {text} (a checkpoint, a Hugging Face folder, timm:ARCH or hf:OWNER/NAME)")
+        limit = allowed.checkpoint_upload_bytes // 2**20
+        with guard("the model source"):
+            if source == CHECKPOINT:
+                checkpoints = views.list_checkpoints()
+                if not checkpoints:
+                    st.info("No checkpoint yet in checkpoints/ or runs/. The default one appears after its first "
+                            "training epoch; meanwhile pick the torchvision ViT or upload a checkpoint.")
                 else:
-                    spec, key, label = str(p), views.checkpoint_key(p), text
-        else:
-            weights = st.radio("Weights", ("none", "DEFAULT") if allowed.downloads else ("none",), key="vit_weights",
-                               horizontal=True,
-                               format_func=lambda w: "random (offline)" if w == "none" else "ImageNet (download)")
-            spec = key = f"torchvision:vit_b_16:{weights}"
-            label = f"torchvision vit_b_16 ({'random weights' if weights == 'none' else 'ImageNet weights'})"
-        if spec is not None and key:
+                    label = st.selectbox("Checkpoint", list(checkpoints), key="checkpoint_label",
+                                         format_func=lambda lab: views.describe_checkpoint(lab, checkpoints[lab]))
+                    path = checkpoints[label]["path"]
+                    opener, key = partial(zoo.load_model, path), views.checkpoint_key(path)
+            elif source == UPLOAD:
+                up = st.file_uploader("Your visattn checkpoint", type=["safetensors"], key="checkpoint_upload",
+                                      max_upload_size=limit)
+                st.caption(f".safetensors written by visattn (no pickles), up to {limit} MB; "
+                           "checked before any model is built.")
+                if up is not None:
+                    data = up.getvalue()
+                    opener, key, label = partial(zoo.load_model, data), f"upload:{views.sha256(data)}", up.name
+            elif source == ARCHITECTURE:
+                opener, key, label = _architecture(limit)
+            elif source == PATH:
+                opener, key, label = _server_path()
+            elif source == HUB:
+                opener, key, label = _hub()
+            else:
+                weights = st.radio("Weights", ("none", "DEFAULT") if allowed.downloads else ("none",),
+                                   key="vit_weights", horizontal=True,
+                                   format_func=lambda w: "random (offline)" if w == "none" else "ImageNet (download)")
+                key = f"torchvision:vit_b_16:{weights}"
+                opener = partial(zoo.load_model, key)
+                label = f"torchvision vit_b_16 ({'random weights' if weights == 'none' else 'ImageNet weights'})"
+        if opener is not None and key:
             try:
                 with st.spinner("Loading the model…"):
-                    model, meta = _load_model(key, spec)
+                    model, meta = _load_model(key, opener)
                 handle = ModelHandle(model, meta, key, label)
                 st.caption(_model_summary(meta))
             except VisattnError as e:

@@ -1,19 +1,33 @@
-"""The sidebar opens other libraries' models (lab mode): a Hugging Face folder by its path and
-timm:ARCH by name; a missing folder is one line."""
+"""The sidebar opens other libraries' models: an architecture by name with an uploaded
+state dict (real files, reopened exactly; pickles and misfits refused in one line), a Hugging
+Face folder or a SOURCE by path (lab mode), and a hub id from a local cache while offline
+(one line when it is not cached). The public mode offers neither paths nor the hub."""
 from __future__ import annotations
 
+import pickle
+
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from tests.foreign_models import tiny_hf
+from tests.foreign_models import SIDE, TIMM_BASE, tiny_hf, tiny_timm
 from tests.test_dashboard import app, errors, problems
+from tests.test_sources import COMMIT, Boom, hub_cache
 
+pytest.importorskip("timm")
 pytest.importorskip("transformers")
+ARCH = "timm:deit_tiny_distilled_patch16_224"
+OPTIONS = " ".join(f"{k}={v}" for k, v in TIMM_BASE.items())
+
+
+def sidebar_source(at, source: str):
+    at.radio(key="model_source").set_value(source)
+    return at.run()
 
 
 def test_sidebar_opens_a_hugging_face_folder_and_a_timm_architecture(tmp_path):
     tiny_hf("dinov2_registers").save_pretrained(tmp_path / "hf")
-    at = app("explore").run()
-    at.radio(key="model_source").set_value("Path on the server").run()
+    at = sidebar_source(app("explore").run(), "Path on the server")
     at.text_input(key="checkpoint_path").set_value(str(tmp_path / "hf")).run(timeout=120)
     assert not at.exception, problems(at)
     handle = at.session_state["model_handle"]
@@ -24,3 +38,70 @@ def test_sidebar_opens_a_hugging_face_folder_and_a_timm_architecture(tmp_path):
     at.text_input(key="checkpoint_path").set_value(str(tmp_path / "absent")).run()
     assert at.session_state["model_handle"] is None
     assert any(e.startswith("not found:") and "\n" not in e for e in errors(at)), errors(at)
+
+
+def test_architecture_with_uploaded_weights(tmp_path):
+    """A distilled DeiT saved as its user saves it, uploaded: the sidebar's model gives the
+    same logits; a pickle (that would write a file when unpickled) and a misfit are one line."""
+    original = tiny_timm("deit_distilled")
+    save_file(original.state_dict(), tmp_path / "w.safetensors")
+    at = sidebar_source(app("explore").run(), "Architecture + weights")
+    at.text_input(key="arch_name").set_value(ARCH)
+    at.text_input(key="arch_options").set_value(OPTIONS)
+    at.file_uploader(key="weights_upload").set_value(("w.safetensors", (tmp_path / "w.safetensors").read_bytes(),
+                                                      "application/octet-stream"))
+    at.run(timeout=120)
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    handle = at.session_state["model_handle"]
+    assert handle.meta["weights"] == "w.safetensors" and handle.meta["library"] == "timm"
+    x = torch.randn(2, 3, SIDE, SIDE)
+    with torch.no_grad():
+        torch.testing.assert_close(handle.model(x), original(x), atol=1e-5, rtol=1e-5)
+
+    proof = tmp_path / "proof"
+    at.file_uploader(key="weights_upload").set_value(("w.pth", pickle.dumps(Boom(str(proof))), "application/octet-stream"))
+    at.run()
+    assert at.session_state["model_handle"] is None and not at.exception, problems(at)
+    (line,) = errors(at)
+    assert line.startswith("w.pth is a PyTorch pickle; visattn opens safetensors only") and "\n" not in line
+    assert "save_file(torch.load('w.pth', weights_only=True), 'w.safetensors')" in line
+    assert not proof.exists()
+
+    at.text_input(key="arch_options").set_value(OPTIONS.replace("embed_dim=32", "embed_dim=64"))
+    at.file_uploader(key="weights_upload").set_value(("w.safetensors", (tmp_path / "w.safetensors").read_bytes(),
+                                                      "application/octet-stream"))
+    at.run()
+    assert errors(at) == ["w.safetensors does not fit this architecture: cls_token has shape [1, 1, 32], the model "
+                          "needs [1, 1, 64]"]
+    at.text_input(key="arch_options").set_value("embed_dim")
+    at.run()
+    assert errors(at) == ["an option expects KEY=VALUE, got 'embed_dim'"]
+
+
+def test_hub_id_opens_from_the_cache_offline(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    from huggingface_hub import constants
+
+    tiny_hf("vit").save_pretrained(tmp_path / "saved")
+    cache = hub_cache(tmp_path / "cache", f"someone/tiny-vit-{COMMIT[:6]}", tmp_path / "saved")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    at = sidebar_source(app("explore").run(), "Hub id (download)")
+    at.text_input(key="hub_id").set_value(f"hf:someone/tiny-vit-{COMMIT[:6]}").run(timeout=120)
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    assert at.session_state["model_handle"].meta["classes"][:2] == ["class 0", "class 1"]
+    for absent in ("hf:someone/not-cached", "timm:deit_tiny_patch16_224"):
+        at.text_input(key="hub_id").set_value(absent).run()
+        assert at.session_state["model_handle"] is None and not at.exception, problems(at)
+        (line,) = errors(at)
+        assert line.startswith(absent) and "not in the Hugging Face cache" in line and "HF_HUB_OFFLINE" in line
+
+
+def test_public_mode_offers_no_server_path_and_no_hub(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("VISATTN_PUBLIC", "1")
+    at = app("explore").run()
+    options = at.radio(key="model_source").options
+    assert "Path on the server" not in options and "Hub id (download)" not in options
+    at = sidebar_source(at, "Architecture + weights")
+    at.text_input(key="arch_name").set_value(ARCH).run()
+    assert at.session_state["model_handle"] is None and not at.error, errors(at)  # no weights: nothing is built
+    assert any("up to 32 MB" in c.value and "Weights are needed on this server" in c.value for c in at.caption)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 from pathlib import Path
@@ -14,16 +13,9 @@ from visattn.errors import VisattnError
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["heads=8", "widths=(32,64,128)", "similarity=cosine"]`` -> a config dict."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise VisattnError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key] = raw
-    return out
+    from visattn.sources import parse_options
+
+    return parse_options(items)
 
 
 def open_source(a: argparse.Namespace):

@@ -18,11 +18,13 @@ pretrained weights, else indices). Only safetensors are read: a pickle (``.bin``
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,42 @@ def load_model(
         meta["classes"] = read_labels(labels, len(meta["classes"]))
     meta["source"] = text
     return model.eval(), meta
+
+
+def load_with_upload(source: str, data: bytes, name: str, *, options: Mapping[str, Any] | None = None,
+                     max_bytes: int = MAX_WEIGHTS_BYTES) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`load_model` of ``timm:``/``torchvision:`` ``source`` with an uploaded weights
+    file (``data``, the upload's file ``name``): refused in one line when larger than
+    ``max_bytes``, a pickle, or not a state dict of the architecture; the bytes go to a
+    private temporary folder that is removed afterwards."""
+    if len(data) > max_bytes:
+        raise CheckpointError(f"{name} is {len(data) / 2**20:.0f} MB; the limit is {max_bytes / 2**20:.0f} MB")
+    safe = re.sub(r"[^\w.-]", "_", Path(name).name)[-100:] or "weights.safetensors"
+    with tempfile.TemporaryDirectory(prefix="visattn-weights-") as folder:
+        path = Path(folder) / safe
+        path.write_bytes(data)
+        model, meta = load_model(source, weights=path, options=options)
+    meta["weights"] = name
+    return model, meta
+
+
+def parse_options(items: Sequence[str], flag: str = "--set") -> dict[str, Any]:
+    """``["num_classes=10", "img_size=(224, 224)", "global_pool=avg"]`` -> a dict (values
+    read as Python literals, else kept as text).
+
+    >>> parse_options("num_classes=10 global_pool=avg".split())
+    {'num_classes': 10, 'global_pool': 'avg'}
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CheckpointError(f"{flag} expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
 
 
 # -- safetensors state dicts -----------------------------------------------------------
