@@ -43,14 +43,9 @@ PAGES: tuple[PageSpec, ...] = (
 
 
 def page(spec: PageSpec, default: bool = False) -> st.Page:
-    """The ``st.Page`` of a page (also what ``st.switch_page`` is handed to open it)."""
+    """The ``st.Page`` of a page."""
     return st.Page(functools.partial(_state.run, spec.main), title=spec.title, icon=spec.icon,
                    url_path=spec.url_path, default=default)
-
-
-def switch_to(url_path: str) -> None:
-    """Open the page at ``url_path`` (``st.switch_page``)."""
-    st.switch_page(page(next(s for s in PAGES if s.url_path == url_path)))
 
 
 def training_off() -> None:
@@ -76,6 +71,7 @@ def main(start: str = "explore") -> None:
     if not policy.train:  # a bookmarked /train: one line, not Explore in its place
         pages.append(st.Page(training_off, title="Train", url_path="train", visibility="hidden",
                              default=start == "train"))
+    _state.set_pages(pages)
     nav = st.navigation(pages)
     if policy.public:
         st.info(policy.banner(), icon=":material/public:")

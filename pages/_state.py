@@ -6,6 +6,8 @@
   that edit them use a shadow key ``_w_<name>``, because Streamlit drops the state of
   widgets that a page does not draw.
 * :func:`guard` and :func:`run`: every error becomes one ``st.error`` line; never a traceback.
+* :func:`switch_to`: open another page by its URL path (the navigation hands its pages over
+  with :func:`set_pages` on every run).
 * :func:`policy` (lab or public, :mod:`visattn.serving`) and :func:`slow_turn`: in the
   public mode a slow computation waits its turn in the process's queue.
 
@@ -114,3 +116,13 @@ def slow_turn() -> Callable[[], contextlib.AbstractContextManager]:
     ctx = get_script_run_ctx()
     session = ctx.session_id if ctx is not None else "no-session"
     return lambda: queue.slot(session, timeout=600)
+
+
+def set_pages(pages: list[st.Page]) -> None:
+    """The pages the navigation shows this run, for :func:`switch_to`."""
+    st.session_state["_nav_pages"] = {p.url_path: p for p in pages}
+
+
+def switch_to(url_path: str) -> None:
+    """Open the page at ``url_path`` (``st.switch_page``)."""
+    st.switch_page(st.session_state["_nav_pages"][url_path])

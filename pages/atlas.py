@@ -16,11 +16,9 @@ ALL_HEADS = "all heads"
 
 def open_in_explore(target: dict) -> None:
     """Show this image and query in Explore (session state, then the page switch)."""
-    from pages import switch_to
-
     st.session_state.update(image_source=state.IMAGE_SOURCES[0], sample_index=target["sample_index"],
                             query_yx=target["query_yx"], layer=target["layer"], head=f"head {target['head']}")
-    switch_to("explore")
+    state.switch_to("explore")
 
 
 def point_details(atlas, hm, point: int) -> None:

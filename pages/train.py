@@ -22,9 +22,7 @@ FINAL = ("done", "failed")
 
 def main() -> None:
     if st.session_state.pop("train_open_explore", False):  # "Open in Explore": the picker is set to the run
-        from pages import explore
-
-        st.switch_page(st.Page(explore.main, url_path="explore"))
+        state.switch_to("explore")
     st.title("Train a model")
     st.markdown("Train a small model on CIFAR-10 in the background and watch it learn: the loss falls, the "
                 "accuracy rises, and the attention of every layer, drawn on the probe image, organises from a "

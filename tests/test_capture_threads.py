@@ -42,7 +42,7 @@ def test_plain_forward_in_another_thread_is_not_recorded() -> None:
     done = threading.Event()
 
     def plain() -> None:
-        from visattn.tracing import current_recorder
+        from visattn.sites import current_recorder
 
         while not done.is_set():
             seen.append(current_recorder() is not None)

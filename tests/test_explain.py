@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from visattn import explain
+from visattn import explain, layers
 from visattn.explain import (
     ExplainError, Explanation, attention_map, default_cam_layer, explain_all, grad_cam, list_cam_layers, rollout,
     saliency,
@@ -154,7 +154,7 @@ def test_threads_share_a_model_without_cross_talk(tiny):
         assert len(got[i]) == 3
         for m in got[i]:
             np.testing.assert_allclose(m, expected[i], rtol=1e-5, atol=1e-9)
-    assert not any(m._forward_hooks or isinstance(m, explain._GridProbe) for m in tiny.modules())
+    assert not any(m._forward_hooks or isinstance(m, layers.GridProbe) for m in tiny.modules())
 
 
 
@@ -167,9 +167,9 @@ def test_grad_cam_on_a_vit_block_uses_the_grid_its_attention_site_records():
     nn.init.normal_(model.heads.head.weight, std=0.1)  # torchvision starts the head at zero: no gradient
     x = torch.rand(1, 3, 48, 48)
     site = capture(model, x).attention["encoder.layers.encoder_layer_1.self_attention"]
-    view, _ = explain._probed_view(model, "encoder.layers.encoder_layer_1", (48, 48))
+    view, _ = layers.probed_view(model, "encoder.layers.encoder_layer_1", (48, 48))
     probe = view.encoder.layers.encoder_layer_1
-    assert isinstance(probe, explain._GridProbe)
+    assert isinstance(probe, layers.GridProbe)
     assert probe.layout(10) == (site.grid, site.prefix) == ((3, 3), 1)
     e = grad_cam(model, x, 2, layer="encoder.layers.encoder_layer_1")
     check(e, "grad_cam", side=48)

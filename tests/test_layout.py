@@ -7,7 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import visattn
-from visattn import paths, tracing
+from visattn import paths, sites, tracing
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = sorted(p for p in (ROOT / "visattn").rglob("*.py") if "app" not in p.relative_to(ROOT / "visattn").parts[:1])
@@ -42,9 +42,72 @@ def test_no_module_edits_sys_path():
     assert offenders == []
 
 
+def module_graph() -> dict[str, set[str]]:
+    """``{module: modules of this repository it imports}`` over visattn, pages and benchmarks, lazy
+    (function-level) imports included, a page's script guard not (it runs only as a script)."""
+    files = {}
+    for package in ("visattn", "pages", "benchmarks"):
+        for path in (ROOT / package).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            files[name.removesuffix(".__init__")] = path
+    graph = {}
+    for name, path in files.items():
+        tree = ast.parse(path.read_text())
+        tree.body = [n for n in tree.body if not (isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))]
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in files}
+            elif isinstance(node, ast.ImportFrom) and node.module in files:
+                # ``from package import module`` imports the module (and the package's __init__ first, by
+                # Python's rules, not by design); ``from package import name`` needs the package itself
+                subs = {f"{node.module}.{a.name}" for a in node.names}
+                deps |= (subs & files.keys()) | ({node.module} if subs - files.keys() else set())
+        graph[name] = deps - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = stack[stack.index(v):]
+            del stack[stack.index(v):]
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_cycles_finds_a_planted_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles():
+    graph = module_graph()
+    assert "visattn.intercept" in graph["visattn.tracing"] and "visattn.layers" in graph["visattn.cams"]
+    assert cycles(graph) == []
+
+
 def test_capture_is_the_function_and_tracing_the_module():
     assert visattn.capture is tracing.capture and callable(visattn.capture)
-    assert tracing.attend.__module__ == "visattn.tracing"
+    assert sites.attend.__module__ == "visattn.sites"
 
 
 def test_paths_follow_the_environment(monkeypatch, tmp_path):

@@ -18,7 +18,8 @@ from visattn.maps import (  # noqa: E402
     grid_index, head_entropy, mean_attention_distance, normalise, query_maps, rollout, rollout_map, upsample,
 )
 from visattn.models import create_model  # noqa: E402
-from visattn.tracing import AttentionSite, capture  # noqa: E402
+from visattn.sites import AttentionSite  # noqa: E402
+from visattn.tracing import capture  # noqa: E402
 from visattn.plotting import (  # noqa: E402
     channel_bar_figure, figure_to_png, maps_to_npz, overlay, overlay_grid_figure, similarity_figure,
     topk_bar_figure,

@@ -18,7 +18,8 @@ from visattn import create_model, maps
 from visattn.app.lesson import lesson
 from visattn.app.memo import ByteLRU
 from visattn.data import Split, cutout, load_image_folder
-from visattn.tracing import AttentionSite, Trace, capture
+from visattn.sites import AttentionSite
+from visattn.tracing import Trace, capture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

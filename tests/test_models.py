@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import small_config
-from visattn import AttentionSite, ChannelSite, SpatialSite, capture, create_model, list_models, tracing
+from visattn import AttentionSite, ChannelSite, SpatialSite, capture, create_model, list_models, sites
 
 VARIANTS = [(name, {}) for name in list_models()] + [
     ("sa_cnn", {"similarity": "cosine"}),
@@ -101,8 +101,8 @@ def test_fused_and_explicit_paths_agree(extra: dict) -> None:
 def test_cpu_bf16_training_takes_the_explicit_form(monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 training on CPU computes attention explicitly (faster there); inference and
     float32 training keep the fused kernel."""
-    real, calls = tracing.fused_is_faster, []
-    monkeypatch.setattr(tracing, "fused_is_faster", lambda q: calls.append(real(q)) or real(q))
+    real, calls = sites.fused_is_faster, []
+    monkeypatch.setattr(sites, "fused_is_faster", lambda q: calls.append(real(q)) or real(q))
     model, x = build("sa_cnn", {})
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x).float().sum().backward()
@@ -127,8 +127,8 @@ def test_explicit_bf16_attention_is_as_accurate_as_the_fused_kernel(similarity: 
         q, k, v = (t.to(dtype).requires_grad_() for t in (q0, k0, v0))
         scale = torch.tensor(7.0) if similarity == "cosine" else 32 ** -0.5
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(tracing, "fused_is_faster", lambda _: fused)
-            out = tracing.attend(module, q, k, v, similarity=similarity, scale=scale, bias=None, grid=(8, 8))
+            mp.setattr(sites, "fused_is_faster", lambda _: fused)
+            out = sites.attend(module, q, k, v, similarity=similarity, scale=scale, bias=None, grid=(8, 8))
         (out.double() * upstream).sum().backward()
         return torch.cat([t.double().flatten() for t in (out, q.grad, k.grad, v.grad)])
 

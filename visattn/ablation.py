@@ -123,7 +123,7 @@ def ablate(model: nn.Module, images: Tensor, heads: HeadSpec, mode: str = "zero"
     """Logits of ``model(images)`` with the given heads' outputs replaced.
 
     Args:
-        model: a classifier whose attention goes through ``visattn.tracing.attend``.
+        model: a classifier whose attention goes through ``visattn.sites.attend``.
         images: (B, 3, H, W), normalised as the model expects.
         heads: ``{layer name: [head, ...]}``; an empty mapping gives the plain logits.
         mode: "zero" (outputs set to 0) or "mean" (set to their mean over ``reference``,

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from visattn.errors import VisattnError
-from visattn.tracing import AttentionSite, capture
+from visattn.sites import AttentionSite
+from visattn.tracing import capture
 
 VERSION = 1  # bump when the cached content changes meaning
 DEFAULT_MAX_TOKENS = 4096  # tokens sampled per layer (each gives one query and one key point)

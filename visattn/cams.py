@@ -1,7 +1,7 @@
 """The CAM family through pytorch-grad-cam (``grad-cam`` 1.5.7), made safe for a shared model.
 
 pytorch-grad-cam hooks the target layer, calls ``model.eval()`` and ``loss.backward()``.
-Here its model is a private view (:func:`visattn.explain._probed_view`: new module objects
+Here its model is a private view (:func:`visattn.layers.probed_view`: new module objects
 along the path to the layer, the layer's output running through a private probe that takes
 the hooks), the parameters are frozen while it runs (the input carries the gradient, so no
 parameter ``.grad`` is written), and every module's train/eval flag and every parameter's
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from visattn.errors import VisattnError
+from visattn.layers import held, layer_name, probed_view
 
 #: visattn name -> pytorch_grad_cam class name
 CAMS = {
@@ -44,27 +45,17 @@ def cam_maps(method: str, model: nn.Module, images: Tensor, targets: Tensor | li
     import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from visattn.explain import _layer_name, _probed_view, model_lock
-
-    name = _layer_name(model, layer)
+    name = layer_name(model, layer)
     device = next(model.parameters(), images).device
     x = images.detach().to(device=device, dtype=torch.float32).clone()
-    with model_lock(model):
-        modes = [(m, m.training) for m in model.modules()]
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        try:
-            model.requires_grad_(False)
-            with torch.no_grad():
-                logits = model(x)
-            t = logits.argmax(1) if targets is None else torch.as_tensor(targets).long().reshape(-1).expand(len(x))
-            view, probe = _probed_view(model, name, (int(x.shape[-2]), int(x.shape[-1])))
-            cls = getattr(pytorch_grad_cam, CAMS[method])
-            with cls(model=view, target_layers=[probe]) as cam:
-                cam.compute_input_gradient, cam.batch_size = True, batch_size  # the input carries the gradient
-                maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in t])
-        finally:
-            for m, training in modes:
-                m.training = training
-            for p, requires_grad in flags:
-                p.requires_grad_(requires_grad)
+    with held(model):
+        model.requires_grad_(False)
+        with torch.no_grad():
+            logits = model(x)
+        t = logits.argmax(1) if targets is None else torch.as_tensor(targets).long().reshape(-1).expand(len(x))
+        view, probe = probed_view(model, name, (int(x.shape[-2]), int(x.shape[-1])))
+        cls = getattr(pytorch_grad_cam, CAMS[method])
+        with cls(model=view, target_layers=[probe]) as cam:
+            cam.compute_input_gradient, cam.batch_size = True, batch_size  # the input carries the gradient
+            maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in t])
     return np.nan_to_num(np.asarray(maps, dtype=np.float32)), [int(c) for c in t]

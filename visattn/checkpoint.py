@@ -19,6 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from visattn._version import __version__
 from visattn.errors import CheckpointError, WriteError
 from visattn.models import create_model, list_models
 
@@ -65,8 +66,6 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **meta: Any) -> d
 
         save_checkpoint("checkpoints/x.safetensors", model, classes=CIFAR10_CLASSES, accuracy=0.93)
     """
-    from visattn import __version__
-
     model = getattr(model, "module", model)  # DDP / compiled wrappers
     model = getattr(model, "_orig_mod", model)
     full = {

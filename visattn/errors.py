@@ -19,3 +19,7 @@ class TrainingError(VisattnError):
 
 class WriteError(VisattnError):
     """A file that could not be written (full disk, no permission); the previous version is kept."""
+
+
+class ExplainError(VisattnError, ValueError):
+    """An explanation that cannot be computed (unknown layer, no layer to hook)."""

@@ -8,7 +8,7 @@ resolution, raw scale (``visattn.maps.normalise`` it for display).
 layer or not) that the Compare page, the CLI, ``visattn.faithfulness`` and the benchmarks
 read: a new method is a function here and one row there.
 
-Concurrency: gradient methods hold a lock per model (:func:`model_lock`), so two threads
+Concurrency: gradient methods hold a lock per model (:func:`visattn.layers.model_lock`), so two threads
 never interleave hooks on one shared model; Grad-CAM's hook goes on a private view (new
 module objects along the path to the layer, everything else shared), so plain forwards
 and captures from other threads never meet it. Nothing calls ``model.train()``: gradients are taken under
@@ -17,11 +17,7 @@ and the ``training`` / ``requires_grad`` flags are restored on the way out.
 """
 from __future__ import annotations
 
-import copy
-import re
-import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,18 +26,11 @@ import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion, Saliency
 from torch import Tensor, nn
 
-from visattn.errors import VisattnError
-from visattn.tokens import guess_layout, token_layout
-from visattn.tracing import AttentionSite, capture
-
-_BLOCK_NAME = re.compile(r"blocks\.\d+|encoder\.layers\.[^.]+|(\w+\.)*layers?\.\d+")  # timm, torchvision, HF
-_CAM_NAME = re.compile(rf"stem|tokenizer|conv_proj|stages\.\d+(\.\d+)?|{_BLOCK_NAME.pattern}")
-_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-class ExplainError(VisattnError, ValueError):
-    """An explanation that cannot be computed (unknown layer, no layer to hook)."""
+from visattn.errors import ExplainError
+from visattn.layers import default_cam_layer, list_cam_layers  # noqa: F401 (Grad-CAM's layers, for callers)
+from visattn.layers import held, layer_name, probed_view
+from visattn.sites import AttentionSite
+from visattn.tracing import capture
 
 
 @dataclass
@@ -57,12 +46,6 @@ class Explanation:
     def constant(self) -> bool:
         """True when the map holds one value: nothing to draw (say so instead of a flat colour)."""
         return bool(self.map.size == 0 or float(self.map.max()) - float(self.map.min()) <= 1e-12)
-
-
-def model_lock(model: nn.Module) -> threading.RLock:
-    """The re-entrant lock that gradient methods hold on ``model`` while they run."""
-    with _LOCKS_GUARD:
-        return _LOCKS.setdefault(model, threading.RLock())
 
 
 def _prepare(model: nn.Module, image: Tensor) -> Tensor:
@@ -88,116 +71,15 @@ def _explanation(name: str, attr: Tensor, target: int, t0: float) -> Explanation
     return Explanation(name=name, map=m, target=target, seconds=max(time.perf_counter() - t0, 1e-9))
 
 
-def list_cam_layers(model: nn.Module) -> list[str]:
-    """Names of modules Grad-CAM can explain: stem/tokenizer, conv stages and their blocks,
-    transformer blocks / encoder layers, and top-level convolutions, in forward order.
-
-    >>> list_cam_layers(create_model("sa_cnn"))
-    ['stem', 'stages.0', 'stages.0.0', 'stages.1', 'stages.1.0', 'stages.1.1', 'stages.2', 'stages.2.0']
-    """
-    return [
-        name for name, m in model.named_modules()
-        if name and (_CAM_NAME.fullmatch(name) or ("." not in name and isinstance(m, nn.Conv2d)))
-    ]
-
-
-def default_cam_layer(model: nn.Module) -> str:
-    """The layer Grad-CAM uses by default: the last stage for models with ``.stages``,
-    else the tokenizer output (hybrid_vit), else the last transformer block of a ViT
-    (timm, Hugging Face, torchvision: the grid tokens entering it, whose gradient is not
-    zero), else the last ``nn.Conv2d`` (seed_cnn).
-
-    >>> default_cam_layer(create_model("sa_cnn")), default_cam_layer(create_model("hybrid_vit"))
-    ('stages.2', 'tokenizer')
-    """
-    if isinstance(getattr(model, "stages", None), nn.Sequential) and len(model.stages):
-        return f"stages.{len(model.stages) - 1}"
-    if isinstance(getattr(model, "tokenizer", None), nn.Module):
-        return "tokenizer"
-    blocks = [name for name in list_cam_layers(model) if _BLOCK_NAME.fullmatch(name)]
-    if blocks and token_layout(model, (224, 224)) is not None:
-        return blocks[-1]
-    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise ExplainError(f"{type(model).__name__} has no convolution or stage for Grad-CAM")
-    return convs[-1]
-
-
-class _GridProbe(nn.Module):
-    """Runs ``layer`` with ``probe`` (an Identity that Grad-CAM hooks) on a (B, C, H, W) map:
-    a conv layer's output, or the grid of the tokens (B, N, C) entering a transformer block
-    (its own output tokens never reach a CLS head in the last block), laid out as
-    ``layout(N)`` = (grid, prefix) says."""
-
-    def __init__(self, layer: nn.Module, layout: Callable[[int], tuple[tuple[int, int], int]]) -> None:
-        super().__init__()
-        self.layer, self.probe, self.layout = layer, nn.Identity(), layout
-
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if x.dim() != 3:
-            return self.probe(self.layer(x, *args, **kwargs))
-        b, n, c = x.shape
-        (h, w), p = self.layout(n)
-        grid = self.probe(x[:, p:].transpose(1, 2).reshape(b, c, h, w))
-        return self.layer(torch.cat([x[:, :p], grid.flatten(2).transpose(1, 2)], dim=1), *args, **kwargs)
-
-
-def _shallow(module: nn.Module) -> nn.Module:
-    clone = copy.copy(module)  # same parameters, buffers and hooks; its own child table
-    clone._modules = dict(module._modules)
-    return clone
-
-
-def _probed_view(model: nn.Module, layer_name: str, hw: tuple[int, int]) -> tuple[nn.Module, nn.Module]:
-    """A private view of ``model``: shallow copies along the path to the named layer (all
-    else shared), the layer wrapped in a :class:`_GridProbe` that reads tokens with the
-    model's own layout for ``hw``-pixel inputs (:mod:`visattn.tokens`); returns (view, probe)."""
-    known = token_layout(model, hw)
-
-    def layout(n: int) -> tuple[tuple[int, int], int]:
-        found = known if known is not None and known.tokens == n else guess_layout(n, hw)
-        return found.grid, found.prefix
-
-    view = node = _shallow(model)
-    *path, leaf = layer_name.split(".")
-    for part in path:
-        child = _shallow(node._modules[part])
-        node._modules[part] = child
-        node = child
-    wrapper = _GridProbe(node._modules[leaf], layout)
-    node._modules[leaf] = wrapper
-    return view, wrapper.probe
-
-
-def _layer_name(model: nn.Module, layer: nn.Module | str | None) -> str:
-    if layer is None:
-        return default_cam_layer(model)
-    names = {m: n for n, m in model.named_modules() if n}
-    name = layer if isinstance(layer, str) else names.get(layer)
-    if name not in names.values():
-        label = layer if isinstance(layer, str) else type(layer).__name__
-        raise ExplainError(f"no layer {label!r} inside the model; try one of {list_cam_layers(model)}")
-    return name
-
-
 def _gradient_method(name: str, model: nn.Module, image: Tensor, target: int | None,
                      attribute: Callable[[Tensor, int], Tensor],
                      reduce: Callable[[Tensor], Tensor]) -> Explanation:
     """Run a captum ``attribute(x, target)`` holding the model's lock with gradients on,
     restore the model's training/requires_grad flags, ``reduce`` (C, H, W) to (H, W)."""
     t0, x = time.perf_counter(), _prepare(model, image)
-    with model_lock(model):
-        modes = [(m, m.training) for m in model.modules()]
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        try:
-            with torch.enable_grad():
-                target = _target(model, x, target)
-                attr = attribute(x, target)
-        finally:
-            for m, training in modes:
-                m.training = training
-            for p, requires_grad in flags:
-                p.requires_grad_(requires_grad)
+    with held(model), torch.enable_grad():
+        target = _target(model, x, target)
+        attr = attribute(x, target)
     return _explanation(name, reduce(attr[0]), target, t0)
 
 
@@ -214,10 +96,10 @@ def grad_cam(model: nn.Module, image: Tensor, target: int | None = None,
     >>> grad_cam(model, image, target=3, layer="stages.1").map.shape
     (32, 32)
     """
-    name = _layer_name(model, layer)
+    name = layer_name(model, layer)
 
     def attribute(x: Tensor, t: int) -> Tensor:
-        view = _probed_view(model, name, (int(x.shape[-2]), int(x.shape[-1])))
+        view = probed_view(model, name, (int(x.shape[-2]), int(x.shape[-1])))
         attr = LayerGradCam(*view).attribute(x, target=t, relu_attributions=True)
         return LayerAttribution.interpolate(attr, tuple(x.shape[-2:]), interpolate_mode="bilinear")
 

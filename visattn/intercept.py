@@ -8,7 +8,7 @@ or an edit, run the model untouched, fused kernels included. Nothing is attached
 model. The mode sees three calls:
 
 - ``F.scaled_dot_product_attention`` (timm's fused path, transformers' ``"sdpa"``): routed
-  through :func:`visattn.tracing.attend`, which keeps the weights;
+  through :func:`visattn.sites.attend`, which keeps the weights;
 - ``F.multi_head_attention_forward`` (every ``nn.MultiheadAttention``): the same, after the
   module's own input projection;
 - a softmax in transformers' ``eager_attention_forward`` or timm's unfused path: the weights
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from visattn.tracing import AttentionSite, attend, current_recorder, record_extras
+from visattn.sites import AttentionSite, attend, current_recorder, record_extras
 from visattn.tokens import guess_layout
 
 
@@ -89,7 +89,7 @@ _WATCHING: contextvars.ContextVar[bool] = contextvars.ContextVar("visattn_watchi
 
 @contextlib.contextmanager
 def watching() -> Iterator[None]:
-    """Route foreign attention through :func:`visattn.tracing.attend` in this thread while
+    """Route foreign attention through :func:`visattn.sites.attend` in this thread while
     the block runs (once, however deeply nested)."""
     if _WATCHING.get():
         yield
@@ -103,7 +103,7 @@ def watching() -> Iterator[None]:
 
 
 class ForeignAttention(TorchFunctionMode):
-    """Sends foreign attention calls to :func:`~visattn.tracing.attend` (records them when
+    """Sends foreign attention calls to :func:`~visattn.sites.attend` (records them when
     a capture runs in this thread, with its layout; its ``skipped`` gets the refusals)."""
 
     def __init__(self) -> None:

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from visattn.tracing import AttentionSite, Trace
+from visattn.sites import AttentionSite
+from visattn.tracing import Trace
 
 HEAD_FUSIONS = ("mean", "max", "min")
 _CHUNK = 128  # queries per block when rows are computed on demand

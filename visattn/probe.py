@@ -39,7 +39,7 @@ def probe(model: nn.Module, images: Tensor) -> dict[str, dict[str, Any]]:
     """``{layer: {"received": grid map of image 0, "entropy": mean row entropy, "uniform": log N}}``
     for every self-attention layer of ``model`` on normalised ``images`` (B, 3, H, W).
     Runs in eval mode and restores the model's training mode; the model is not changed."""
-    from visattn import capture
+    from visattn.tracing import capture
     from visattn.maps import received_attention
 
     was_training = model.training

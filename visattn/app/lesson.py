@@ -12,7 +12,8 @@ from torch.nn import functional as F
 
 from visattn.app.views import token_cell
 from visattn.errors import VisattnError
-from visattn.tracing import AttentionSite, Trace
+from visattn.sites import AttentionSite
+from visattn.tracing import Trace
 
 
 @dataclass

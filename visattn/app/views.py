@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw
 
 from visattn import paths
 from visattn.errors import VisattnError
-from visattn.tracing import AttentionSite, Trace
+from visattn.sites import AttentionSite
+from visattn.tracing import Trace
 
 COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "jet", "coolwarm", "gray")
 

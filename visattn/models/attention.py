@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from visattn.tracing import (
+from visattn.sites import (
     ChannelSite, SpatialSite, attend, current_recorder, default_scale, record_extras, record_site,
 )
 
