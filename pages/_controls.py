@@ -7,7 +7,7 @@ import streamlit as st
 
 from pages._pickers import ImageChoice
 from pages._state import MEAN_OF_HEADS, persistent
-from visattn.app import views
+from visattn.app import figures, views
 
 QUERY_SIZE = 320  # px of the enlarged, clickable image
 
@@ -72,6 +72,16 @@ def look_controls() -> tuple[float, str]:
     with c2:
         cmap = persistent(st.selectbox, "Colormap", "cmap", options=list(views.COLORMAPS))
     return float(alpha), str(cmap)
+
+
+def whole_photo_toggle(analysis) -> bool:
+    """Draw maps over the whole photo (True) or the model's input; kept across pages. Not
+    drawn (True) when the model saw the whole photo."""
+    if figures.crop_is_whole(analysis):
+        return True
+    return bool(persistent(st.toggle, "Draw maps over the whole photo", "whole_photo",
+                           help="The model sees a centre crop of your photo; the maps are placed on it where that "
+                                "crop came from, and the rest of the photo is darkened."))
 
 
 def show_fig(fig, key: str | None = None) -> None:

@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "query_yx": (0.5, 0.5),  # relative (y, x) of the query point
     "alpha": 0.5,
     "cmap": "inferno",
+    "whole_photo": True,  # maps drawn over the whole photo (else over the model's input crop)
     "layer": None,
     "head": MEAN_OF_HEADS,
     "target": -1,  # Compare: class index explained (-1: the predicted class)

@@ -75,6 +75,7 @@ def main() -> None:
             attn_layer = state.persistent(st.selectbox, "Attention layer", "attn_layer", options=attn_layers,
                                           help="Whose attention (received by each position, mean of heads) to compare.")
         alpha, cmap = controls.look_controls()
+        whole = controls.whole_photo_toggle(analysis)
     target_idx = analysis.predicted if target == -1 else int(target)
     layer_of = {"grad_cam": cam_layer, "attention": attn_layer}  # the layer of each method that takes one
 
@@ -119,7 +120,7 @@ def main() -> None:
                     st.info("Not available for this model" + (": it has no self-attention layers."
                                                               if not analysis.trace.attention else "."))
                     continue
-                st.image(figures.overlay_large(analysis.image, maps.normalise(e.map), alpha, cmap), width="stretch")
+                st.image(figures.overlay_view(analysis, maps.normalise(e.map), alpha, cmap, whole), width="stretch")
                 layer_note = f" · layer {cam_layer}" if name == "grad_cam" else ""
                 st.caption(f"computed in {e.seconds:.2f} s{layer_note} · scaled from min (dark) to max (bright)")
                 score_slots[name] = st.empty()

@@ -18,9 +18,9 @@ def layer_maps(analysis, yx: tuple[float, float], layers: tuple[str, ...]) -> di
     return {k: v for k, v in views.query_layer_maps(analysis.trace, yx).items() if k in layers}
 
 
-def overlay_jpeg(image, m, alpha: float, cmap: str) -> bytes:
-    """A map scaled to [0, 1] over the enlarged image, as JPEG."""
-    return panels.to_jpeg(figures.overlay_large(image, maps.normalise(m), alpha, cmap))
+def overlay_jpeg(analysis, m, alpha: float, cmap: str, whole_photo: bool) -> bytes:
+    """A map scaled to [0, 1] over the whole photo or the enlarged model input, as JPEG."""
+    return panels.to_jpeg(figures.overlay_view(analysis, maps.normalise(m), alpha, cmap, whole_photo))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -46,7 +46,8 @@ def topk_figure(model_key: str, image_sha: str, _analysis):
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def query_free_overlays(model_key: str, image_sha: str, alpha: float, cmap: str, _analysis) -> list[tuple[str, bytes]]:
+def query_free_overlays(model_key: str, image_sha: str, alpha: float, cmap: str, whole_photo: bool,
+                        _analysis) -> list[tuple[str, bytes]]:
     """Attention received by each position (last two layers) and rollout: they do not
     depend on the query, so a click does not redraw them."""
     trace = _analysis.trace
@@ -54,7 +55,7 @@ def query_free_overlays(model_key: str, image_sha: str, alpha: float, cmap: str,
     roll = views.rollout_or_none(trace)
     if roll is not None:
         items.append(("attention rollout (all layers)", roll))
-    return [(title, overlay_jpeg(_analysis.image, m, alpha, cmap)) for title, m in items]
+    return [(title, overlay_jpeg(_analysis, m, alpha, cmap, whole_photo)) for title, m in items]
 
 
 def session_file(handle, choice) -> bytes:
@@ -125,6 +126,7 @@ def main() -> None:
         st.markdown(controls.prediction_caption(analysis, choice))
         controls.show_fig(topk_figure(handle.key, choice.sha, analysis), key="explore_topk")
         alpha, cmap = controls.look_controls()
+        whole = controls.whole_photo_toggle(analysis)
 
     if not sites:
         st.info("This model has no self-attention layers, so there is no query to follow. "
@@ -175,8 +177,8 @@ def main() -> None:
 
         st.header("Averaged over heads, and rolled out through the layers")
         with state.guard("the averaged maps"):
-            averaged = [("this query, mean of heads", overlay_jpeg(analysis.image, sim["attention"], alpha, cmap))]
-            averaged += query_free_overlays(handle.key, choice.sha, alpha, cmap, analysis)
+            averaged = [("this query, mean of heads", overlay_jpeg(analysis, sim["attention"], alpha, cmap, whole))]
+            averaged += query_free_overlays(handle.key, choice.sha, alpha, cmap, whole, analysis)
             cols = st.columns(max(4, len(averaged)))
             for col, (title, jpeg) in zip(cols, averaged):
                 col.image(jpeg, caption=title, width="stretch", output_format="JPEG")
@@ -194,7 +196,7 @@ def main() -> None:
                 cols = st.columns(len(trace.spatial))
                 for col, (name, site) in zip(cols, trace.spatial.items()):
                     m = site.map[0, 0].float().cpu().numpy()
-                    col.image(figures.overlay_large(analysis.image, m, alpha, cmap, vmin=0.0, vmax=1.0),
+                    col.image(figures.overlay_view(analysis, m, alpha, cmap, whole, vmin=0.0, vmax=1.0),
                               caption=f"CBAM spatial map · {name} (0 = suppressed, 1 = kept)", width="stretch")
 
 

@@ -10,10 +10,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from visattn.image_io import DECODE_SIDE, image_to_tensor, image_to_uint8_array, load_image
+from PIL import Image
+
+from visattn.image_io import DECODE_SIDE, crop_box, image_to_tensor, image_to_uint8_array, load_image
 from visattn.tracing import Trace, capture
 
 Source = str | os.PathLike | bytes | BinaryIO
+PHOTO_SIDE = 640  # longer side of the photo kept for drawing maps over it whole
 
 
 def input_size(meta: dict[str, Any]) -> int:
@@ -40,6 +43,8 @@ class Analysis:
     trace: Trace
     probs: np.ndarray  # (classes,)
     classes: list[str]
+    photo: np.ndarray | None = None  # (h, w, 3) uint8: the whole photo, longer side <= PHOTO_SIDE
+    box: tuple[float, float, float, float] | None = None  # where ``image`` lies in ``photo`` (l, t, r, b px)
 
     def top(self, k: int = 5) -> list[tuple[str, float]]:
         order = np.argsort(-self.probs)[:k]
@@ -52,16 +57,41 @@ class Analysis:
     @property
     def nbytes(self) -> int:
         """Memory it holds: the trace (``Trace.nbytes``), the image, the input and the probabilities."""
-        return self.trace.nbytes + self.image.nbytes + self.tensor.untyped_storage().nbytes() + self.probs.nbytes
+        photo = self.photo.nbytes if self.photo is not None else 0
+        return self.trace.nbytes + self.image.nbytes + photo + self.tensor.untyped_storage().nbytes() + self.probs.nbytes
+
+
+def _load(source: Source, meta: dict[str, Any]) -> Image.Image:
+    """The photo, refused with ImageError when bad; big ones decoded reduced (see
+    :func:`~visattn.image_io.load_image`)."""
+    return load_image(source, min_side=max(DECODE_SIDE, 2 * input_size(meta)))
+
+
+def _preprocess(img: Image.Image, meta: dict[str, Any]) -> tuple[np.ndarray, Tensor]:
+    size = input_size(meta)
+    how = {"resize": meta.get("resize"), "interpolation": meta.get("interpolation", "bicubic")}
+    return image_to_uint8_array(img, size, **how), image_to_tensor(img, size, meta["mean"], meta["std"], **how)[None]
 
 
 def prepare(source: Source, meta: dict[str, Any]) -> tuple[np.ndarray, Tensor]:
-    """Load (refusing bad files with ImageError; big photos decoded reduced, see
-    :func:`~visattn.image_io.load_image`) and preprocess: (display uint8, model input)."""
-    size = input_size(meta)
-    img = load_image(source, min_side=max(DECODE_SIDE, 2 * size))
-    how = {"resize": meta.get("resize"), "interpolation": meta.get("interpolation", "bicubic")}
-    return image_to_uint8_array(img, size, **how), image_to_tensor(img, size, meta["mean"], meta["std"], **how)[None]
+    """Load (refusing bad files with ImageError) and preprocess: (display uint8, model input)."""
+    return _preprocess(_load(source, meta), meta)
+
+
+def photo_and_box(img: Image.Image, meta: dict[str, Any], side: int = PHOTO_SIDE) -> tuple[np.ndarray, tuple[float, ...]]:
+    """The whole photo, its longer side at most ``side`` px, and the box in it the model saw
+    (:func:`~visattn.image_io.crop_box`, in that photo's pixels).
+
+    >>> photo, box = photo_and_box(Image.new("RGB", (1280, 640)), {"image_size": 224, "resize": 256})
+    >>> photo.shape, box
+    ((320, 640, 3), (180.0, 20.0, 460.0, 300.0))
+    """
+    box = crop_box(*img.size, input_size(meta), meta.get("resize"))
+    scale = min(1.0, side / max(img.size))
+    if scale < 1.0:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8).copy(), tuple(float(v) * scale for v in box)
 
 
 def analyse_tensor(model: nn.Module, meta: dict[str, Any], image: np.ndarray, tensor: Tensor) -> Analysis:
@@ -79,7 +109,10 @@ def analyse(model: nn.Module, meta: dict[str, Any], source: Source) -> Analysis:
         model, meta = load_checkpoint("checkpoints/sa_cnn.safetensors")
         analyse(model, meta, "cat.jpg").top(3)  # [(class, probability), ...]
     """
-    return analyse_tensor(model, meta, *prepare(source, meta))
+    img = _load(source, meta)
+    analysis = analyse_tensor(model, meta, *_preprocess(img, meta))
+    analysis.photo, analysis.box = photo_and_box(img, meta)
+    return analysis
 
 
 def predict_image(model: nn.Module, meta: dict[str, Any], source: Source, k: int = 5) -> list[tuple[str, float]]:

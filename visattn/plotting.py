@@ -67,6 +67,34 @@ def overlay(
     return panels.blend(np.asarray(image, dtype=np.uint8), panels.colourise(m, cmap, vmin, vmax), alpha)
 
 
+def overlay_on_photo(
+    photo: np.ndarray,
+    map2d: np.ndarray,
+    box: Sequence[float],
+    alpha: float = 0.5,
+    cmap: str = "inferno",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    dim: float = 0.45,
+) -> np.ndarray:
+    """:func:`overlay` placed on the whole photo: the map covers ``box`` (left, top, right,
+    bottom in photo pixels: the part the model saw, :func:`visattn.image_io.crop_box`); the
+    rest of the photo, which the model did not see, is darkened to ``dim`` of its brightness.
+
+    >>> photo = np.full((40, 80, 3), 200, np.uint8)
+    >>> out = overlay_on_photo(photo, np.eye(4), (20, 0, 60, 40))
+    >>> out.shape, out[0, 0].tolist(), (out[:, 20:60] == overlay(photo[:, 20:60], np.eye(4))).all()
+    ((40, 80, 3), [90, 90, 90], np.True_)
+    """
+    photo = np.asarray(photo, dtype=np.uint8)
+    h, w = photo.shape[:2]
+    left, top = max(0, int(round(box[0]))), max(0, int(round(box[1])))
+    right, bottom = min(w, max(left + 1, int(round(box[2])))), min(h, max(top + 1, int(round(box[3]))))
+    out = (photo.astype(np.float32) * dim).round().astype(np.uint8)
+    out[top:bottom, left:right] = overlay(photo[top:bottom, left:right], map2d, alpha, cmap, vmin, vmax)
+    return out
+
+
 def overlay_grid_figure(
     image: np.ndarray,
     maps: dict[str, np.ndarray],

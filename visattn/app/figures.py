@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+from PIL import Image
 from plotly.subplots import make_subplots
 
 from visattn import plotting
@@ -170,3 +171,28 @@ def overlay_large(image: np.ndarray, map2d: np.ndarray, alpha: float = 0.5, cmap
     smoothly, the pixels kept sharp), for display."""
     return plotting.overlay(enlarge(image, size), map2d, alpha, cmap, vmin, vmax)
 
+
+
+def crop_is_whole(analysis) -> bool:
+    """Whether the model saw the whole photo (no crop to place), or the photo is not known."""
+    photo, box = analysis.photo, analysis.box
+    if photo is None or box is None:
+        return True
+    return box[2] - box[0] >= photo.shape[1] - 1 and box[3] - box[1] >= photo.shape[0] - 1
+
+
+def overlay_view(analysis, map2d: np.ndarray, alpha: float = 0.5, cmap: str = "inferno", whole_photo: bool = True,
+                 size: int = 256, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
+    """A map of an :class:`visattn.inference.Analysis` for display: over the whole photo
+    (the model's crop placed where it came from, ``plotting.overlay_on_photo``; a photo
+    smaller than ``size`` px is enlarged to it), or, when ``whole_photo`` is off or the model
+    saw the whole photo, over the model's input enlarged to ``size`` px (:func:`overlay_large`)."""
+    if not whole_photo or crop_is_whole(analysis):
+        return overlay_large(analysis.image, map2d, alpha, cmap, size, vmin, vmax)
+    photo, box = analysis.photo, analysis.box
+    scale = size / max(photo.shape[:2])
+    if scale > 1:
+        h, w = round(photo.shape[0] * scale), round(photo.shape[1] * scale)
+        photo = np.asarray(Image.fromarray(photo).resize((w, h), Image.Resampling.NEAREST))
+        box = tuple(v * scale for v in box)
+    return plotting.overlay_on_photo(photo, map2d, box, alpha, cmap, vmin, vmax)

@@ -1,0 +1,148 @@
+"""Explore, Compare, Models and Learn on a 224-px model (a tiny timm ViT-*/16: a 14×14 grid),
+opened through the sidebar from an uploaded state dict, on a non-square photo: the maps are
+drawn over the whole photo where the model's centre crop came from (checked pixel by pixel
+against the library, read back from the images the page shows), Grad-CAM is not zero."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import save_file
+
+from tests.conftest import needs_data
+from tests.test_dashboard import app, errors, problems, upload
+from visattn import inference, maps
+from visattn.app import evaluation, figures, views
+from visattn.explain import METHODS, default_cam_layer
+from visattn.image_io import crop_box
+
+timm = pytest.importorskip("timm")
+ARCH, OPTIONS = "timm:vit_tiny_patch16_224", "embed_dim=32 depth=2 num_heads=2 num_classes=10"
+PHOTO_WH = (400, 250)
+TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> bytes:
+    model = timm.create_model("vit_tiny_patch16_224", embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    path = tmp_path_factory.mktemp("vit224") / "vit224.safetensors"
+    save_file(model.state_dict(), path)
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def photo() -> bytes:
+    """A 400×250 photo with structure everywhere (so the darkened margins show)."""
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(40, 256, (10, 16, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(blocks).resize(PHOTO_WH, Image.Resampling.NEAREST).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def shown(monkeypatch: pytest.MonkeyPatch):
+    """``shown(image_element) -> (H, W, 3) uint8``: the picture a page sent, read back from
+    AppTest's in-memory media store."""
+    from streamlit.testing.v1 import app_test
+
+    stores = []
+
+    class Keeping(app_test.MemoryMediaFileStorage):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            stores.append(self)
+
+    monkeypatch.setattr(app_test, "MemoryMediaFileStorage", Keeping)
+
+    def read(element) -> np.ndarray:
+        name = element.proto.imgs[0].url.rsplit("/", 1)[1]
+        return np.asarray(Image.open(io.BytesIO(stores[-1].get_file(name).content)).convert("RGB"))
+
+    return read
+
+
+def open_224(page: str, weights: bytes, photo_upload: bool = True):
+    """The dashboard on ``page`` with the 224-px model uploaded in the sidebar; in upload mode
+    when ``photo_upload`` (no test image and no other model is analysed on the way)."""
+    at = app(page)
+    at.session_state["model_source"] = "Architecture + weights"
+    if photo_upload:
+        at.session_state["image_source"] = "Upload an image"
+    at.run()
+    at.text_input(key="arch_name").set_value(ARCH)
+    at.text_input(key="arch_options").set_value(OPTIONS)
+    at.file_uploader(key="weights_upload").set_value(("vit224.safetensors", weights, "application/octet-stream"))
+    at.run(timeout=TIMEOUT)
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    assert at.session_state["model_handle"].meta["image_size"] == 224
+    return at
+
+
+def with_photo(at, photo: bytes, key: str):
+    upload(at, "photo.png", photo, key=f"{key}_upload")
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    return at
+
+
+def image_captioned(at, caption: str):
+    return next(i for i in at.image if caption in (i.proto.imgs[0].caption or ""))
+
+
+def test_explore_on_a_224_model_draws_over_the_whole_photo(weights, photo, shown):
+    at = with_photo(open_224("explore", weights), photo, "explore")
+    handle = at.session_state["model_handle"]
+    analysis = inference.analyse(handle.model, handle.meta, photo)
+    assert {s.grid for s in analysis.trace.attention.values()} == {(14, 14)}
+    assert any("14×14 grid" in c.value for c in at.caption)
+    w, h = PHOTO_WH
+    assert analysis.photo.shape == (h, w, 3)
+    assert analysis.box == pytest.approx(crop_box(w, h, 224, handle.meta["resize"]))
+    roll = image_captioned(at, "attention rollout")
+    expected = figures.overlay_view(analysis, maps.normalise(views.rollout_or_none(analysis.trace)), 0.5, "inferno")
+    got = shown(roll)
+    assert got.shape == expected.shape == (h, w, 3)  # the whole photo, not the 224-px crop
+    left, top, right, bottom = (int(round(v)) for v in analysis.box)
+    assert 0 < left and right < w  # the model saw a centre crop: the sides are outside it
+    assert np.abs(got.astype(int) - expected).mean() < 4  # JPEG
+    outside = np.concatenate([got[:, :left - 2], got[:, right + 2:]], axis=1).astype(int)
+    darkened = (np.concatenate([analysis.photo[:, :left - 2], analysis.photo[:, right + 2:]], axis=1) * 0.45).round()
+    assert np.abs(outside - darkened).mean() < 4
+
+    at.toggle(key="_w_whole_photo").set_value(False).run(timeout=TIMEOUT)
+    assert shown(image_captioned(at, "attention rollout")).shape == (256, 256, 3)  # the model's input, enlarged
+    assert not at.exception and not at.error, (problems(at), errors(at))
+
+
+def test_compare_on_a_224_model(weights, photo, shown):
+    at = with_photo(open_224("compare", weights), photo, "compare")
+    handle = at.session_state["model_handle"]
+    assert at.session_state["cam_layer"] == default_cam_layer(handle.model) == "blocks.1"
+    analysis = inference.analyse(handle.model, handle.meta, photo)
+    cam = evaluation.explain_one(handle.model, analysis.tensor, "grad_cam", analysis.predicted, "blocks.1")
+    assert cam.map.shape == (224, 224) and float(cam.map.max()) > 0  # the grid tokens' gradient is not zero
+    drawn = [shown(i) for i in at.image if not (i.proto.imgs[0].caption or "").startswith("what the model sees")]
+    assert len(drawn) >= 5 and all(d.shape == (PHOTO_WH[1], PHOTO_WH[0], 3) for d in drawn), [d.shape for d in drawn]
+    assert [i.value for i in at.info if "Not available" in i.value] == ["Not available for this model."]  # one:
+    assert METHODS["transformer_attribution"](handle.model, analysis.tensor) is None  # LRP knows no timm block
+
+
+def test_learn_on_a_224_model(weights, photo):
+    at = with_photo(open_224("learn", weights), photo, "learn")
+    assert any("<b>14×14</b> grid of positions (197 in all)" in m.value for m in at.markdown)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Sum of all the weights"] == "1.000000"
+    assert any(c.value.startswith("Largest difference from the weights the layer really used") for c in at.caption)
+
+
+@needs_data()
+def test_models_on_a_224_model(weights):
+    at = open_224("models", weights, photo_upload=False)
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Accuracy on this sample"].endswith("%")
+    keys = [c.proto.id for c in at.get("plotly_chart")]
+    assert len(keys) >= 3  # per class, confusion, head statistics
+    assert any("Averaged over 64 test images" in m.value for m in at.markdown)
