@@ -32,6 +32,7 @@ from visattn.app import views
 from visattn.app.memo import ByteLRU
 from visattn.errors import VisattnError
 from visattn.image_io import MAX_BYTES, MAX_JPEG_PIXELS, MAX_PIXELS
+from visattn.tracing import not_captured_line
 
 CHECKPOINT, UPLOAD, ARCHITECTURE, PATH, HUB, TORCHVISION = MODEL_SOURCES = (
     "Checkpoint", "Upload .safetensors", "Architecture + weights", "Path on the server", "Hub id (download)",
@@ -298,4 +299,6 @@ def image_and_analysis(handle: ModelHandle, key: str, column) -> tuple[ImageChoi
     analysis = analysis_for(handle, choice)
     if analysis is None:
         st.stop()
+    if analysis.trace.skipped:  # attention the capture could not see: named, never silently missing
+        st.warning(not_captured_line(analysis.trace.skipped))
     return choice, analysis

@@ -128,7 +128,10 @@ def main() -> None:
         alpha, cmap = controls.look_controls()
         whole = controls.whole_photo_toggle(analysis)
 
-    if not sites:
+    if not sites and trace.skipped:
+        st.info("No attention layer of this model could be captured (named above), so there is no query to follow "
+                "here; the Compare page shows gradient-based explanations.")
+    elif not sites:
         st.info("This model has no self-attention layers, so there is no query to follow. "
                 + ("Its squeeze-and-excitation (SE) channel weights and CBAM spatial maps are shown below; "
                    if trace.channel or trace.spatial else "It has no SE or CBAM attention either; ")

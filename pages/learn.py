@@ -44,6 +44,10 @@ def main() -> None:
     left, right = st.columns([1, 1], gap="large")
     choice, analysis = pickers.image_and_analysis(handle, "learn", left)
     sites = analysis.trace.attention
+    if not sites and analysis.trace.skipped:
+        st.info("No attention layer of this model could be captured (named above), so its queries, keys and values "
+                "cannot be shown step by step.")
+        st.stop()
     if not sites:
         other = analysis.trace.channel or analysis.trace.spatial
         st.info(f"{handle.meta.get('model', 'This model')} has no self-attention layers, so there are no queries, keys "

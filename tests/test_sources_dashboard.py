@@ -105,3 +105,22 @@ def test_public_mode_offers_no_server_path_and_no_hub(monkeypatch: pytest.Monkey
     at.text_input(key="arch_name").set_value(ARCH).run()
     assert at.session_state["model_handle"] is None and not at.error, errors(at)  # no weights: nothing is built
     assert any("up to 32 MB" in c.value and "Weights are needed on this server" in c.value for c in at.caption)
+
+
+def test_swin_layers_are_named_in_one_line_on_the_pages(tmp_path):
+    """A Hugging Face Swin opened by path: its windowed attention is refused, and Explore and
+    Learn say so in one warning line naming every layer (not "no attention layers")."""
+    from tests.test_dashboard import sample_photo, upload
+
+    tiny_hf("swin").save_pretrained(tmp_path / "swin")
+    layers = "model.swin.encoder.layers.0.blocks.0.attention, model.swin.encoder.layers.1.blocks.0.attention"
+    for page in ("explore", "learn"):
+        at = app(page)
+        at.session_state["model_source"], at.session_state["image_source"] = "Path on the server", "Upload an image"
+        at.run()
+        at.text_input(key="checkpoint_path").set_value(str(tmp_path / "swin")).run(timeout=120)
+        upload(at, *sample_photo(), key=f"{page}_upload")
+        assert not at.exception and not at.error, (problems(at), errors(at))
+        assert [w.value for w in at.warning] == [f"not captured: {layers} (windowed attention: Swin windows are not "
+                                                 "placed on the image)"]
+        assert any(i.value.startswith("No attention layer of this model could be captured") for i in at.info)

@@ -70,7 +70,8 @@ def default_cam_layer(model: nn.Module) -> str:
     """The layer Grad-CAM uses by default: the last stage for models with ``.stages``,
     else the tokenizer output (hybrid_vit), else the last transformer block of a ViT
     (timm, Hugging Face, torchvision: the grid tokens entering it, whose gradient is not
-    zero), else the last ``nn.Conv2d`` (seed_cnn).
+    zero) or the last stage of a timm Swin (its (B, H, W, C) output), else the last
+    ``nn.Conv2d`` (seed_cnn).
 
     >>> from visattn import create_model
     >>> default_cam_layer(create_model("sa_cnn")), default_cam_layer(create_model("hybrid_vit"))
@@ -81,7 +82,7 @@ def default_cam_layer(model: nn.Module) -> str:
     if isinstance(getattr(model, "tokenizer", None), nn.Module):
         return "tokenizer"
     blocks = [name for name in list_cam_layers(model) if _BLOCK_NAME.fullmatch(name)]
-    if blocks and token_layout(model, (224, 224)) is not None:
+    if blocks and (token_layout(model, (224, 224)) is not None or getattr(model, "output_fmt", None) == "NHWC"):
         return blocks[-1]
     convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
@@ -91,15 +92,26 @@ def default_cam_layer(model: nn.Module) -> str:
 
 class GridProbe(nn.Module):
     """Runs ``layer`` with ``probe`` (an Identity that Grad-CAM hooks) on a (B, C, H, W) map:
-    a conv layer's output, or the grid of the tokens (B, N, C) entering a transformer block
-    (its own output tokens never reach a CLS head in the last block), laid out as
-    ``layout(N)`` = (grid, prefix) says."""
+    a conv layer's output (``channels_last``: a (B, H, W, C) output, as timm's Swin stages
+    give), or the grid of the tokens (B, N, C) entering a transformer block (its own output
+    tokens never reach a CLS head in the last block), laid out as ``layout(N)`` = (grid,
+    prefix) says. Other attributes are the layer's (a Hugging Face Swin encoder reads its
+    stages' ``downsample``)."""
 
-    def __init__(self, layer: nn.Module, layout: Callable[[int], tuple[tuple[int, int], int]]) -> None:
+    def __init__(self, layer: nn.Module, layout: Callable[[int], tuple[tuple[int, int], int]],
+                 channels_last: bool = False) -> None:
         super().__init__()
-        self.layer, self.probe, self.layout = layer, nn.Identity(), layout
+        self.layer, self.probe, self.layout, self.channels_last = layer, nn.Identity(), layout, channels_last
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if x.dim() != 3 and self.channels_last:
+            return self.probe(self.layer(x, *args, **kwargs).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if x.dim() != 3:
             return self.probe(self.layer(x, *args, **kwargs))
         b, n, c = x.shape
@@ -130,7 +142,7 @@ def probed_view(model: nn.Module, layer_name: str, hw: tuple[int, int]) -> tuple
         child = shallow(node._modules[part])
         node._modules[part] = child
         node = child
-    wrapper = GridProbe(node._modules[leaf], layout)
+    wrapper = GridProbe(node._modules[leaf], layout, channels_last=getattr(model, "output_fmt", None) == "NHWC")
     node._modules[leaf] = wrapper
     return view, wrapper.probe
 

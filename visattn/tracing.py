@@ -32,7 +32,24 @@ from visattn.tokens import TokenLayout, token_layout
 
 
 class CaptureWarning(UserWarning):
-    """An attention layer whose weights a capture could not see (named, with the reason)."""
+    """The attention layers whose weights a capture could not see (named, with the reason)."""
+
+
+def not_captured_line(skipped: dict[str, str], shown: int = 4) -> str:
+    """One line naming the layers a capture could not see, grouped by reason (the first
+    ``shown`` names of each group, then how many more); ``""`` when there are none.
+
+    >>> not_captured_line({"blocks.3.attn": "custom fused kernel"})
+    'not captured: blocks.3.attn (custom fused kernel)'
+    >>> not_captured_line({f"layers.{i}.attn": "windowed attention" for i in range(6)} | {"head.attn": "cross"}, 2)
+    'not captured: layers.0.attn, layers.1.attn and 4 more (windowed attention); head.attn (cross)'
+    """
+    groups: dict[str, list[str]] = {}
+    for name, reason in skipped.items():
+        groups.setdefault(reason, []).append(name)
+    parts = [", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "") + f" ({reason})"
+             for reason, names in groups.items()]
+    return f"not captured: {'; '.join(parts)}" if parts else ""
 
 
 @dataclass
@@ -92,7 +109,8 @@ def capture(
 
     Sees visattn's own layers, every ``nn.MultiheadAttention`` and timm's and Hugging
     Face's attention (:mod:`visattn.intercept`); each attention layer it cannot see is
-    named in one :class:`CaptureWarning` and in ``Trace.skipped``. Token layouts come from
+    named in ``Trace.skipped`` and, all together, in one :class:`CaptureWarning` line
+    (:func:`not_captured_line`). Token layouts come from
     the model (:func:`visattn.tokens.token_layout`) unless ``layout`` is given. A Hugging
     Face model's output object gives its ``logits``.
 
@@ -112,6 +130,6 @@ def capture(
     with recording(rec), torch.set_grad_enabled(grad), watching():
         out = model(images)
     skipped = not_captured(model, set(rec.sites), rec.skipped)
-    for name, reason in skipped.items():
-        warnings.warn(f"not captured: {name} ({reason})", CaptureWarning, stacklevel=2)
+    if skipped:
+        warnings.warn(not_captured_line(skipped), CaptureWarning, stacklevel=2)
     return Trace(logits=getattr(out, "logits", out), sites=rec.sites, skipped=skipped)
