@@ -5,7 +5,7 @@ a real ``streamlit run dashboard.py`` server (or several behind nginx, ``deploy/
 Debian's Chromium driven by Selenium, one tab per user. Every tab opens Explore, switches
 the image source to "Upload an image" and gets a small script that timestamps, inside the
 page, the ``change`` event of the file input (t0) and the first moment after it when the
-page is settled (t1): the chosen file's name, the prediction line and the clickable image
+page is settled (t1): the prediction line naming the chosen file and the clickable image
 are shown and no spinner or "running" status is left. Then all N tabs get their file (one WebDriver
 command each, a few ms apart) and their t1 - t0 are read back; ``latency`` is that
 difference (upload, script run, every element drawn by the browser).
@@ -41,15 +41,21 @@ DEFAULT_CKPT = paths.default_checkpoint()
 PREDICTION = re.compile(r"Predicted (\S+) \((\d+\.\d)%\)")
 HAVE_BROWSER = bool(shutil.which("chromium") and shutil.which("chromedriver"))
 
-# Timestamps in the page: t0 when a file is chosen, t1 when the page has settled after it.
+# Timestamps in the page: t0 when a file is chosen, t1 when the page has settled after it;
+# ``opened`` counts the websockets the page opens from now on (a reconnect after its server died).
 WATCH = """
-const va = window.__va = {t0: null, t1: null, file: null, checks: 0};
+const va = window.__va = {t0: null, t1: null, file: null, checks: 0, opened: 0};
+if (!window.__vaSocket) {
+  const Plain = window.__vaSocket = window.WebSocket;
+  window.WebSocket = class extends Plain {
+    constructor(...args) { super(...args); this.addEventListener('open', () => window.__va.opened++); }
+  };
+}
 function settled() {
   if (document.querySelector('[data-testid="stStatusWidget"], [data-testid="stSpinner"]')) return false;
   if (!document.querySelector('iframe[title*="streamlit_image_coordinates"]')) return false;
-  if (!document.body.innerText.includes(va.file)) return false;  // this upload's page, not the previous one
-  return [...document.querySelectorAll('[data-testid="stMarkdownContainer"]')]
-    .some(e => e.innerText.startsWith('Predicted '));
+  return [...document.querySelectorAll('[data-testid="stMarkdownContainer"]')]  // this upload's prediction
+    .some(e => e.innerText.startsWith('Predicted ') && e.innerText.includes(va.file));
 }
 function check() {
   va.checks++;
@@ -210,6 +216,11 @@ class TabResult:
     prediction: tuple[str, str] | None  # (class, "p.p") read from the page
     names_shown: list[str]  # tab_<i>.jpg names visible in the page
     errors: list[str]
+
+
+def wait_reconnected(driver, timeout: float = 120) -> None:
+    """Wait until this tab has opened a new websocket since :data:`WATCH` was run in it."""
+    wait_for(lambda: driver.execute_script("return window.__va.opened > 0"), timeout, "the tab to reconnect")
 
 
 def upload_all(driver, handles: list[str], files: list[Path]) -> None:

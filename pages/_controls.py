@@ -17,6 +17,8 @@ def prediction_caption(analysis, choice: ImageChoice) -> str:
     text = f"Predicted **{cls}** ({p:.1%})"
     if choice.label_name is not None:
         text += f" · true **{choice.label_name}** " + ("✓" if cls == choice.label_name else "✗")
+    else:  # an upload: its name, so that a page still showing an earlier one cannot be mistaken for it
+        text += f" · `{choice.name.replace('`', '')}`"
     return text
 
 

@@ -4,7 +4,8 @@
 * :func:`persistent`: a widget editing a key that outlives page switches. Those keys
   (``query_yx``, ``alpha``, ``cmap``, ``layer``, ``head``, ...) are plain keys; the widgets
   that edit them use a shadow key ``_w_<name>``, because Streamlit drops the state of
-  widgets that a page does not draw.
+  widgets that a page does not draw. A session's first draw of such a widget takes the
+  value the browser sends (:func:`first_draw`): what a tab keeps after its replica died.
 * :func:`guard` and :func:`run`: every error becomes one ``st.error`` line; never a traceback.
 * :func:`switch_to`: open another page by its URL path (the navigation hands its pages over
   with :func:`set_pages` on every run).
@@ -77,12 +78,24 @@ def run(page: Callable[[], None]) -> None:
         page()
 
 
+def first_draw(wkey: str) -> bool:
+    """True the first time this session draws the widget ``wkey`` (then False)."""
+    drawn = st.session_state.setdefault("_drawn_widgets", set())
+    if wkey in drawn:
+        return False
+    drawn.add(wkey)
+    return True
+
+
 def persistent(widget: Callable[..., Any], label: str, key: str, *args: Any,
                options: list | None = None, **kwargs: Any) -> Any:
     """Draw ``widget`` editing ``st.session_state[key]``, which survives page switches.
 
     The widget uses the shadow key ``_w_<key>``; for choice widgets (``options`` given) a
-    stored value no longer among the options falls back to the first option.
+    stored value no longer among the options falls back to the first option. The first time
+    a session draws the widget, the stored value is only its default, so what the browser
+    sends wins: a tab whose replica died reconnects to another one in a new session, and its
+    next rerun carries the values its widgets show (image source, layer, head, opacity...).
     """
     wkey = f"_w_{key}"
     value = st.session_state.get(key)
@@ -91,11 +104,15 @@ def persistent(widget: Callable[..., Any], label: str, key: str, *args: Any,
             value = options[0] if options else None
             st.session_state[key] = value
         args = (options, *args)
-    st.session_state[wkey] = value
 
     def copy() -> None:
         st.session_state[key] = st.session_state[wkey]
 
+    if first_draw(wkey):
+        default = {"index": options.index(value) if options else None} if options is not None else {"value": value}
+        st.session_state[key] = out = widget(label, *args, key=wkey, on_change=copy, **default, **kwargs)
+        return out
+    st.session_state[wkey] = value
     return widget(label, *args, key=wkey, on_change=copy, **kwargs)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from pages import PAGES
+from pages import PAGES, _state
 from tests.bad_inputs import make_corpus, valid_jpeg
 from tests.conftest import DEFAULT_CKPT, needs_data
 from visattn import explain, paths
@@ -103,6 +103,25 @@ def test_explore_upload_gives_predictions_and_overlays():
     assert not at.exception and len(at.get("plotly_chart")) == 2, problems(at)
     assert {b.label for b in at.get("download_button")} == {"Download figure (PNG)", "Download raw maps (NPZ)",
                                                              "Download offline session (HTML)"}
+
+
+@needs_checkpoint
+def test_a_new_session_keeps_what_the_page_shows():
+    """A tab whose replica died reconnects to another one, in a new session; its next rerun
+    carries its widgets' values. Here the session's own state is wiped between two runs (the
+    widgets' values stay): the page keeps upload mode, opacity and colormap, not the defaults."""
+    at = app("explore").run()
+    at.slider(key="_w_alpha").set_value(0.8)
+    at.selectbox(key="_w_cmap").set_value("viridis")
+    to_upload_mode(at)
+    for key in [k for k in (*_state.DEFAULTS, "_drawn_widgets") if k in at.session_state]:  # in the dead process
+        del at.session_state[key]
+    name, data = sample_photo()
+    upload(at, name, data)
+    assert not at.exception, problems(at)
+    assert at.radio(key="_w_image_source").value == at.session_state["image_source"] == "Upload an image"
+    assert (at.session_state["alpha"], at.session_state["cmap"]) == (0.8, "viridis")
+    assert any(m.value.startswith("Predicted **") and m.value.endswith(f"`{name}`") for m in at.markdown)
 
 
 @needs_checkpoint

@@ -32,7 +32,7 @@ from benchmarks.sessions import (
 
 N = 20
 SIMILARITY = ("attention", "dot", "cosine", "softmax")
-PREDICTED = re.compile(r"^Predicted \*\*(.+?)\*\* \((\d+(?:\.\d+)?)%\)$")
+PREDICTED = re.compile(r"^Predicted \*\*(.+?)\*\* \((\d+(?:\.\d+)?)%\)(?: · `[^`]+`)?$")
 RTOL, ATOL = 1e-4, 1e-5  # same weights, same CPU: the maps agree far closer than images differ
 
 pytestmark = [
