@@ -251,3 +251,13 @@ def test_an_unreachable_hub_is_one_line_without_retries(source: str, tmp_path: P
     with pytest.raises(CheckpointError) as e:
         load_model(source, pretrained=source.startswith("timm:"))
     assert "\n" not in str(e.value) and "127.0.0.1:9 cannot be reached" in str(e.value) and "offline?" in str(e.value)
+
+
+def test_torchvision_pretrained_offline_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty torch hub cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match=r"^torchvision:vit_b_32 pretrained weights: not in the torch hub cache "
+                                              r"and HF_HUB_OFFLINE is set"):
+        load_model("torchvision:vit_b_32", pretrained=True)
