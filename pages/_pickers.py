@@ -81,6 +81,8 @@ def _architecture(limit_mb: int) -> tuple[Callable | None, str, str]:
     st.caption(f"save_file(model.state_dict(), 'w.safetensors') from safetensors.torch, up to {limit_mb} MB; checked "
                "against the architecture before it is built. No pickles (.bin, .pth). "
                + ("Without weights: random." if policy().downloads else "Weights are needed on this server."))
+    names = st.file_uploader("Class names (optional): one per line, or JSON", type=["txt", "json"],
+                             key="labels_upload", max_upload_size=1)
     if not arch:
         return None, "", ""
     if arch.split(":", 1)[0] not in ("timm", "torchvision"):
@@ -92,8 +94,11 @@ def _architecture(limit_mb: int) -> tuple[Callable | None, str, str]:
             return None, "", ""
         return partial(sources.load_model, arch, options=opts), f"arch:{arch}:{options}:random", f"{arch} (random weights)"
     data = up.getvalue()
-    return (partial(sources.load_with_upload, arch, data, up.name, options=opts, max_bytes=limit_mb * 2**20),
-            f"arch:{arch}:{options}:{views.sha256(data)}", f"{arch} + {up.name}")
+    labels = (names.name, names.getvalue()) if names is not None else None
+    return (partial(sources.load_with_upload, arch, data, up.name, options=opts, labels=labels,
+                    max_bytes=limit_mb * 2**20),
+            f"arch:{arch}:{options}:{views.sha256(data)}:{views.sha256(labels[1]) if labels else ''}",
+            f"{arch} + {up.name}")
 
 
 def _hub() -> tuple[Callable | None, str, str]:

@@ -54,9 +54,17 @@ def test_architecture_with_uploaded_weights(tmp_path):
     assert not at.exception and not at.error, (problems(at), errors(at))
     handle = at.session_state["model_handle"]
     assert handle.meta["weights"] == "w.safetensors" and handle.meta["library"] == "timm"
+    assert handle.meta["classes"] == ["0", "1", "2", "3", "4"]  # no labels file: indices
     x = torch.randn(2, 3, SIDE, SIDE)
     with torch.no_grad():
         torch.testing.assert_close(handle.model(x), original(x), atol=1e-5, rtol=1e-5)
+    at.file_uploader(key="labels_upload").set_value(("classes.txt", b"cat\ndog\nfox\nowl\nbee\n", "text/plain"))
+    at.run()
+    assert at.session_state["model_handle"].meta["classes"] == ["cat", "dog", "fox", "owl", "bee"], errors(at)
+    at.file_uploader(key="labels_upload").set_value(("short.txt", b"cat\ndog\n", "text/plain"))
+    at.run()
+    assert errors(at) == ["short.txt has 2 labels; the model has 5 classes"]
+    at.file_uploader(key="labels_upload").set_value(None)
 
     proof = tmp_path / "proof"
     at.file_uploader(key="weights_upload").set_value(("w.pth", pickle.dumps(Boom(str(proof))), "application/octet-stream"))

@@ -100,18 +100,28 @@ def load_model(
 
 
 def load_with_upload(source: str, data: bytes, name: str, *, options: Mapping[str, Any] | None = None,
+                     labels: tuple[str, bytes] | None = None,
                      max_bytes: int = MAX_WEIGHTS_BYTES) -> tuple[nn.Module, dict[str, Any]]:
     """:func:`load_model` of ``timm:``/``torchvision:`` ``source`` with an uploaded weights
-    file (``data``, the upload's file ``name``): refused in one line when larger than
+    file (``data``, the upload's file ``name``) and, optionally, an uploaded labels file
+    (``(name, data)``, see :func:`read_labels`): refused in one line when larger than
     ``max_bytes``, a pickle, or not a state dict of the architecture; the bytes go to a
     private temporary folder that is removed afterwards."""
     if len(data) > max_bytes:
         raise CheckpointError(f"{name} is {len(data) / 2**20:.0f} MB; the limit is {max_bytes / 2**20:.0f} MB")
-    safe = re.sub(r"[^\w.-]", "_", Path(name).name)[-100:] or "weights.safetensors"
+
+    def safe(file_name: str, default: str) -> str:
+        return re.sub(r"[^\w.-]", "_", Path(file_name).name)[-100:] or default
+
     with tempfile.TemporaryDirectory(prefix="visattn-weights-") as folder:
-        path = Path(folder) / safe
+        path = Path(folder) / safe(name, "weights.safetensors")
         path.write_bytes(data)
-        model, meta = load_model(source, weights=path, options=options)
+        names = None
+        if labels is not None:
+            names = Path(folder) / "labels" / safe(labels[0], "labels.txt")
+            names.parent.mkdir()
+            names.write_bytes(labels[1][:MAX_JSON_BYTES + 1])
+        model, meta = load_model(source, weights=path, labels=names, options=options)
     meta["weights"] = name
     return model, meta
 
