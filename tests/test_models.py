@@ -15,6 +15,7 @@ VARIANTS = [(name, {}) for name in list_models()] + [
     ("sa_cnn", {"pos_encoding": "learned", "similarity": "cosine"}),
     ("sa_cnn", {"pos_encoding": "none", "depth": 2}),
     ("sa_cnn", {"attn_stages": (0, 1, 1), "pos_encoding": "relative"}),
+    ("sa_cnn", {"stem_stride": 2, "attn_stages": (0,), "pos_encoding": "relative", "heads": 1}),
     ("hybrid_vit", {"cls_token": True}),
 ]
 
@@ -181,6 +182,27 @@ def test_attn_stages_repeats_stack_blocks_and_old_configs_keep_their_names() -> 
     assert blocks(attn_stages=(0, 1, 1)) == {"stages.0.1": (16, 16), "stages.1.1": (8, 8), "stages.1.2": (8, 8)}
     assert blocks(attn_stages=(1, 0), depth=2) == {"stages.0.1": (16, 16), "stages.0.2": (16, 16),
                                                    "stages.1.1": (8, 8), "stages.1.2": (8, 8)}
+
+
+def test_a_stride_2_stem_whitens_the_tiled_patches_and_halves_every_grid() -> None:
+    """``stem_stride=2``: the 2×2 patches tile the image (32×32 -> 16×16), the fitted filters
+    make them white (identity covariance over the patches they were fitted on, the second
+    half the negatives of the first), and each stage's grid is half the stride-1 one."""
+    from visattn.models.attention import SpatialSelfAttention2d
+
+    model = create_model("sa_cnn", widths=(8, 16), heads=1, attn_stages=(0,), stem_stride=2)
+    images = torch.randn(64, 3, 32, 32) * torch.tensor([1.0, 0.5, 2.0])[:, None, None]
+    images[:, 1] += 0.8 * images[:, 0]  # correlated channels
+    model.stem.fit(images, eps=0.0)
+    with torch.no_grad():
+        out = model.stem.conv(images) - model.stem.conv.bias[:, None, None]
+    assert out.shape == (64, 24, 16, 16)
+    white = out[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()
+    white = white - white.mean(0)
+    torch.testing.assert_close(white.T @ white / len(white), torch.eye(12, dtype=torch.float64), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out[:, 12:], -out[:, :12])
+    grids = {n: m.grid for n, m in model.named_modules() if isinstance(m, SpatialSelfAttention2d)}
+    assert grids == {"stages.0.1": (8, 8)} and model(images[:2]).shape == (2, 10)
 
 
 def test_flagship_recipe_has_three_attention_layers_over_two_grids() -> None:

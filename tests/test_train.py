@@ -274,3 +274,19 @@ def test_translate_tta_is_airbench_six_views() -> None:
     assert not torch.allclose(got, predict_logits(model, images, mean, std), atol=1e-2)
     with pytest.raises(ValueError, match="unknown test-time augmentation"):
         predict_logits(model, images, mean, std, tta="rotate")
+
+
+def test_weight_decay_spares_norms_gates_and_position_tables() -> None:
+    """Decay pulls a relative-position table (and gates, norms, biases) towards zero, that
+    is, the attention towards uniform: only conv and linear weights decay."""
+    from visattn.models import create_model
+    from visattn.train import make_optimizer
+
+    model = create_model("sa_cnn", widths=(8, 16), attn_stages=(0,), stem_stride=2, heads=1, pos_encoding="relative")
+    decay, spared = make_optimizer(model, TrainConfig(weight_decay=5e-4)).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 5e-4 and spared["weight_decay"] == 0.0
+    assert "stages.0.1.rel_bias.table" in {names[id(p)] for p in spared["params"]}
+    assert decayed == {n for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1 and "table" not in n}
+    assert "stages.0.1.q.weight" in decayed and not any("gate" in n or "norm" in n for n in decayed)

@@ -176,11 +176,12 @@ def per_class_accuracy(confusion: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- optimiser and schedule
+NO_DECAY = ("pos_embed", "rel_bias.table")  # parameters with 2+ dimensions kept out of weight decay
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 and "pos_embed" not in name else no_decay).append(p)
+        if p.requires_grad:  # no decay on norms, biases, gates and position tables (it pulls attention to uniform)
+            (decay if p.ndim > 1 and not any(k in name for k in NO_DECAY) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))

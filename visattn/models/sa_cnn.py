@@ -23,13 +23,14 @@ class SACNNConfig:
     similarity: str = "dot"  # "dot" (÷√d_k) or "cosine" (learned temperature)
     pos_encoding: str = "sinusoidal"  # "none", "sinusoidal", "learned", "relative"
     gate_init: float = 0.1  # initial residual gate of each attention block
+    stem_stride: int = 1  # 2: the whitening stem tiles the image, so the stages start at half the side
 
 
 class SACNN(nn.Module):
     def __init__(self, cfg: SACNNConfig) -> None:
         super().__init__()
-        self.stem = WhiteningStem()
-        side = cfg.image_size + 1  # the 2×2 whitening conv with padding 1
+        self.stem = WhiteningStem(stride=cfg.stem_stride)
+        side = cfg.image_size + 1 if cfg.stem_stride == 1 else cfg.image_size // cfg.stem_stride
         stages, c_in = [], self.stem.out_channels
         for i, width in enumerate(cfg.widths):
             side //= 2
