@@ -160,7 +160,8 @@ def model_picker() -> ModelHandle | None:
                 up = st.file_uploader("Your visattn checkpoint", type=["safetensors"], key="checkpoint_upload",
                                       max_upload_size=limit)
                 st.caption(f".safetensors written by visattn (no pickles), up to {limit} MB; "
-                           "checked before any model is built.")
+                           "checked before any model is built. A timm or torchvision state dict: "
+                           f"choose “{ARCHITECTURE}”.")
                 if up is not None:
                     data = up.getvalue()
                     opener, key, label = partial(zoo.load_model, data), f"upload:{views.sha256(data)}", up.name
