@@ -439,7 +439,7 @@ def test_compare_draws_every_method_of_the_table(monkeypatch):
 
     def edges(model, image, target=None):
         e = explain.saliency(model, image, target)
-        return explain.Explanation("edges", e.map, e.target, e.seconds)
+        return explain.Explanation("edges", e.maps, e.targets, e.seconds)
 
     monkeypatch.setitem(explain.METHODS, "edges", explain.Method("edges", "Edges (test)", edges))
     at = app("compare").run()

@@ -191,3 +191,29 @@ def test_method_table_is_complete_and_callable(tiny):
             check(m(tiny, images(1), 3, layer=layer, **FAST.get(name, {})), name)
     with pytest.raises(ExplainError, match="unknown method"):
         explain.method("nope")
+
+
+BATCH_OPTIONS = {**FAST, "score_cam": {"layer": "stages.2"}}
+
+
+@pytest.mark.parametrize("name", list(explain.METHODS))
+def test_a_batch_gives_each_image_the_map_it_gets_alone(tiny, name):
+    """Every method takes (B, 3, H, W) and returns B maps: image i's map and target are the
+    ones it gets alone, with the predicted classes and with one given target per image."""
+    model = tiny if name != "transformer_attribution" else create_model(
+        "hybrid_vit", embed_dim=16, depth=2, heads=2).eval()
+    x, m = images(3, seed=7), explain.METHODS[name]
+    options = BATCH_OPTIONS.get(name, {})
+    for target in (None, [1, 4, 7]):
+        batch = m(model, x, target, **options)
+        assert batch.maps.shape == (3, SIDE, SIDE) and len(batch) == 3
+        with pytest.raises(ExplainError, match="holds 3 maps"):
+            batch.map
+        for i in range(3):
+            alone = m(model, x[i : i + 1], None if target is None else target[i], **options)
+            check(batch[i], name)
+            assert batch[i].target == alone.target
+            np.testing.assert_allclose(batch.maps[i], alone.map, rtol=1e-4, atol=1e-5 * max(float(alone.map.max()), 1e-3))
+        assert target is None or batch.targets == target
+    with pytest.raises(ExplainError, match="2 targets for 3 images"):
+        m(model, x, [1, 2], **options)

@@ -19,6 +19,7 @@ from visattn.errors import VisattnError
 
 RANDOM = "random"  # the floor: a fixed random map, scored beside the methods
 PROTOCOLS = ("deletion_insertion", "road", "perturbation")
+MAP_BATCH = 32  # images per explanation call in evaluate_methods (each method takes a batch)
 
 
 def _device(model: nn.Module, like: Tensor) -> torch.device:
@@ -257,16 +258,16 @@ def evaluate_methods(model: nn.Module, images: Tensor, targets: Tensor | list[in
     results = {}
     for name, map_of in _map_makers(model, images, methods).items():
         maps, seconds = [], 0.0
-        for i, target in enumerate(targets):
+        for start in range(0, len(targets), MAP_BATCH):
             t0 = time.perf_counter()
-            m = map_of(i, target)
+            m = map_of(slice(start, start + MAP_BATCH), targets[start : start + MAP_BATCH])
             if m is None:
                 break
             maps.append(m)
             seconds += time.perf_counter() - t0
-        if len(maps) < len(targets):
+        if sum(map(len, maps)) < len(targets):
             continue
-        scores, stacked = {}, np.stack(maps)
+        scores, stacked = {}, np.concatenate(maps)
         for b in baselines:
             r = deletion_insertion(model, images, stacked, targets, steps=steps, baseline=b)
             scores[b] = {"deletion_auc": float(r["deletion_auc"].mean()), "insertion_auc": float(r["insertion_auc"].mean())}
@@ -290,22 +291,25 @@ def _other_protocols(model: nn.Module, images: Tensor, maps: np.ndarray, targets
 
 
 def _map_makers(model: nn.Module, images: Tensor,
-                methods: tuple[str, ...]) -> dict[str, Callable[[int, int], np.ndarray | None]]:
-    """``{label: (image index, target) -> (H, W) map or None}``; a method that takes an
+                methods: tuple[str, ...]) -> dict[str, Callable[[slice, list[int]], np.ndarray | None]]:
+    """``{label: (image slice, targets) -> (B, H, W) maps or None}``; a method that takes an
     attention layer ("attention") becomes one entry per layer ("attention (layer)") when
     the model has more than one."""
     from visattn.explain import METHODS, attention_layers
 
-    def of(method: Callable, **kw) -> Callable[[int, int], np.ndarray | None]:
-        def make(i: int, target: int) -> np.ndarray | None:
-            e = method(model, images[i : i + 1], target, **kw)
-            return None if e is None else e.map
+    def of(method: Callable, **kw) -> Callable[[slice, list[int]], np.ndarray | None]:
+        def make(chunk: slice, targets: list[int]) -> np.ndarray | None:
+            e = method(model, images[chunk], targets, **kw)
+            return None if e is None else e.maps
         return make
 
-    makers: dict[str, Callable[[int, int], np.ndarray | None]] = {}
+    def random_maps(chunk: slice, _targets: list[int]) -> np.ndarray:
+        return np.stack([random_map(tuple(images.shape[-2:]), seed=i) for i in range(len(images))[chunk]])
+
+    makers: dict[str, Callable[[slice, list[int]], np.ndarray | None]] = {}
     for name in methods:
         if name == RANDOM:
-            makers[name] = lambda i, _t: random_map(tuple(images.shape[-2:]), seed=i)
+            makers[name] = random_maps
         elif name not in METHODS:
             _unknown(name)
         elif METHODS[name].takes_layer and METHODS[name].needs_attention \
