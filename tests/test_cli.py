@@ -64,15 +64,48 @@ def test_bad_checkpoint_on_the_command_line(tmp_path: Path, capsys) -> None:
 
 
 def test_explain_writes_overlays_and_raw_maps(ckpt: Path, tmp_path: Path, capsys) -> None:
+    """Every layer and head, and every method of ``explain.METHODS``: its PNG and its raw map,
+    the library's own map for the predicted class; one that does not apply gets a note."""
+    from visattn import explain
+    from visattn.inference import prepare
+
     corpus = make_corpus(tmp_path / "in")
     photo = next(p for name, (p, ok) in corpus.items() if ok and "jpeg" in name.lower())
     assert main(["explain", str(ckpt), str(photo), "--out", str(tmp_path / "out")]) == 0
-    written = {Path(l).name for l in capsys.readouterr().out.split()}
-    assert {"attention_layers_heads.png", "rollout.png", "maps.npz"} <= written
+    out, err = capsys.readouterr()
+    written = {Path(l).name for l in out.split()}
+    applies = set(explain.METHODS) - {"transformer_attribution"}  # no ViT blocks in sa_cnn
+    notes = set(err.splitlines()) - {"transformer_attribution: not available for this model"}
+    assert len(notes) == len(err.splitlines()) - 1
+    flat = {n.split(":")[0] for n in notes if n.endswith(": the map is constant (nothing to draw, no PNG)")}
+    assert len(flat) == len(notes) and flat < applies
+    assert {"attention_layers_heads.png", "maps.npz", *(f"{m}.png" for m in applies - flat)} <= written
+    assert not {f"{m}.png" for m in {*flat, "transformer_attribution"}} & written
     assert {f"stages_1_1_head{h}.png" for h in range(2)} <= written
     raw = np.load(tmp_path / "out" / "maps.npz")
-    assert raw["attention/stages.1.1"].shape == (2, 8, 8) and raw["rollout"].shape == (8, 8)
+    assert raw["attention/stages.1.1"].shape == (2, 8, 8)
+    assert {f"explain/{m}" for m in applies} == {k for k in raw.files if k.startswith("explain/")}
+    assert all(np.ptp(raw[f"explain/{m}"]) == 0 for m in flat)
+    model, meta = load_checkpoint(ckpt)
+    x = prepare(photo.read_bytes(), meta)[1]
+    predicted = int(model(x).argmax(1))
+    for name in ("rollout", "grad_cam", "eigen_cam", *flat):
+        np.testing.assert_allclose(raw[f"explain/{name}"], explain.METHODS[name](model, x, predicted).map,
+                                   rtol=1e-5, atol=1e-6)
     assert (tmp_path / "out" / "rollout.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_explain_chosen_methods_and_an_unknown_one(ckpt: Path, tmp_path: Path, capsys) -> None:
+    corpus = make_corpus(tmp_path / "in")
+    photo = next(p for name, (p, ok) in corpus.items() if ok and "jpeg" in name.lower())
+    assert main(["explain", str(ckpt), str(photo), "--out", str(tmp_path / "a"), "--methods", "saliency", "rollout"]) == 0
+    written = {Path(l).name for l in capsys.readouterr().out.split()}
+    assert {n for n in written if not n.startswith("stages_")} == {"attention_layers_heads.png", "saliency.png",
+                                                                    "rollout.png", "maps.npz"}
+    assert main(["explain", str(ckpt), str(photo), "--out", str(tmp_path / "b"), "--methods", "saliency", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown method 'nope'") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
 
 
 def test_ablate_prints_logits_before_and_after(ckpt: Path, tmp_path: Path, capsys) -> None:

@@ -7,7 +7,8 @@ the hooks), the parameters are frozen while it runs (the input carries the gradi
 parameter ``.grad`` is written), and every module's train/eval flag and every parameter's
 ``requires_grad`` are restored afterwards, all under the model's lock. Maps come back as
 (B, H, W) in [0, 1] (the package min-max scales each map after a ReLU; a map that was
-constant comes back all zero).
+constant comes back all zero). Score-CAM's tqdm progress bar (written to stderr once per
+image) is switched off in that package module.
 """
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ CAMS = {
     "score_cam": "ScoreCAM", "grad_cam_plus_plus": "GradCAMPlusPlus", "xgrad_cam": "XGradCAM",
     "layer_cam": "LayerCAM", "hires_cam": "HiResCAM", "eigen_cam": "EigenCAM",
 }
+
+
+class _Quiet:
+    """Stands in for the ``tqdm`` module inside ``pytorch_grad_cam.score_cam``: bars disabled."""
+
+    @staticmethod
+    def tqdm(iterable, *args, **kwargs):
+        import tqdm
+
+        return tqdm.tqdm(iterable, *args, **{**kwargs, "disable": True})
 
 
 def cam_maps(method: str, model: nn.Module, images: Tensor, targets: Tensor | list[int] | int | None = None,
@@ -43,8 +54,10 @@ def cam_maps(method: str, model: nn.Module, images: Tensor, targets: Tensor | li
     if method not in CAMS:
         raise VisattnError(f"unknown CAM method {method!r}; known: {', '.join(CAMS)}")
     import pytorch_grad_cam
+    from pytorch_grad_cam import score_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    score_cam.tqdm = _Quiet  # no progress bar on a server's or a CLI's stderr
     name = layer_name(model, layer)
     device = next(model.parameters(), images).device
     x = images.detach().to(device=device, dtype=torch.float32).clone()

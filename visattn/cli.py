@@ -161,8 +161,11 @@ def cmd_explain(a: argparse.Namespace) -> int:
     from visattn.inference import write_explanation
 
     model, meta = open_source(a)
-    for f in write_explanation(model, meta, a.image, Path(a.out)):
+    written, notes = write_explanation(model, meta, a.image, Path(a.out), a.methods)
+    for f in written:
         print(f)
+    for note in notes:
+        print(note, file=sys.stderr)
     return 0
 
 
@@ -320,10 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
-    x = sub.add_parser("explain", help="PNG overlays of every layer and head, rollout, and an .npz of raw maps")
+    x = sub.add_parser("explain", help="PNG overlays of every layer and head and of every explanation method, "
+                                       "and an .npz of raw maps")
     add_source(x)
     x.add_argument("image")
     x.add_argument("--out", required=True)
+    x.add_argument("--methods", nargs="*", metavar="METHOD",
+                   help="explanation methods to draw (default: every one of visattn.explain.METHODS; "
+                        "none: only the attention layers and heads)")
     x.set_defaults(func=cmd_explain)
 
     ab = sub.add_parser("ablate", help="logits and top-k before and after silencing attention heads")

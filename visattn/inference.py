@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -138,40 +139,61 @@ def layer_head_maps(analysis: Analysis, query: int | None = None) -> dict[str, n
     return out
 
 
-def write_explanation(model: nn.Module, meta: dict[str, Any], image: Source, out_dir: Path) -> list[Path]:
-    """PNG overlays of every layer and head, the rollout map, and an .npz of raw maps."""
-    from visattn.maps import rollout_map
-    from visattn.plotting import figure_to_png, maps_to_npz, overlay, overlay_grid_figure
+def _png(rgb: np.ndarray) -> bytes:
+    import io
+
     from PIL import Image
 
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_explanation(model: nn.Module, meta: dict[str, Any], image: Source, out_dir: Path,
+                      methods: Sequence[str] | None = None) -> tuple[list[Path], list[str]]:
+    """PNG overlays of every layer and head, one overlay per explanation method
+    (``visattn.explain.METHODS``, or those named in ``methods``; predicted class, each
+    method's default layer) and an .npz of the raw maps (``attention/LAYER`` (heads, h, w),
+    ``explain/METHOD`` (H, W), ``channel/…``, ``spatial/…``, ``probs``).
+
+    Everything is computed before the first file is written. Returns (files written, notes):
+    a method that does not apply to the model, or whose map is constant (no PNG drawn for
+    it), gets a note instead.
+    """
+    from visattn import explain
+    from visattn.plotting import figure_to_png, maps_to_npz, overlay, overlay_grid_figure
+
+    rows = [explain.method(m) for m in (explain.METHODS if methods is None else methods)]
     a = analyse(model, meta, image)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    files: dict[str, bytes] = {}
+    notes: list[str] = []
     maps = layer_head_maps(a)
     raw: dict[str, np.ndarray] = {f"attention/{k}": v for k, v in maps.items()}
     raw["probs"] = a.probs
     if maps:
-        path = out_dir / "attention_layers_heads.png"
-        path.write_bytes(figure_to_png(overlay_grid_figure(a.image, maps, 0.5, "inferno", None)))
-        written.append(path)
+        files["attention_layers_heads.png"] = figure_to_png(overlay_grid_figure(a.image, maps, 0.5, "inferno", None))
         for layer, heads in maps.items():
             for h, m in enumerate(heads):
-                path = out_dir / f"{layer.replace('.', '_')}_head{h}.png"
-                Image.fromarray(overlay(a.image, m)).save(path)
-                written.append(path)
-        roll = rollout_map(list(a.trace.attention.values()), 0)
-        raw["rollout"] = roll
-        path = out_dir / "rollout.png"
-        Image.fromarray(overlay(a.image, roll)).save(path)
-        written.append(path)
+                files[f"{layer.replace('.', '_')}_head{h}.png"] = _png(overlay(a.image, m))
+    for row in rows:
+        e = row(model, a.tensor.to(next(model.parameters()).device), a.predicted)
+        if e is None:
+            notes.append(f"{row.name}: not available for this model")
+            continue
+        raw[f"explain/{row.name}"] = e.map
+        if e.constant:
+            notes.append(f"{row.name}: the map is constant (nothing to draw, no PNG)")
+        else:
+            files[f"{row.name}.png"] = _png(overlay(a.image, e.map))
     for name, site in a.trace.channel.items():
         raw[f"channel/{name}"] = site.weights[0].cpu().numpy()
     for name, site in a.trace.spatial.items():
         raw[f"spatial/{name}"] = site.map[0, 0].cpu().numpy()
-        path = out_dir / f"spatial_{name.replace('.', '_')}.png"
-        Image.fromarray(overlay(a.image, raw[f"spatial/{name}"])).save(path)
-        written.append(path)
-    path = out_dir / "maps.npz"
-    path.write_bytes(maps_to_npz(raw))
-    written.append(path)
-    return written
+        files[f"spatial_{name.replace('.', '_')}.png"] = _png(overlay(a.image, raw[f"spatial/{name}"]))
+    files["maps.npz"] = maps_to_npz(raw)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, data in files.items():
+        (out_dir / name).write_bytes(data)
+        written.append(out_dir / name)
+    return written, notes
