@@ -21,18 +21,20 @@ OPTIONS = " ".join(f"{k}={v}" for k, v in TIMM_BASE.items())
 
 
 def sidebar_source(at, source: str):
-    at.radio(key="model_source").set_value(source)
+    """``at`` run with ``source`` chosen in the sidebar from the start (no other model is
+    opened and analysed on the way)."""
+    at.session_state["model_source"] = source
     return at.run()
 
 
 def test_sidebar_opens_a_hugging_face_folder_and_a_timm_architecture(tmp_path):
     tiny_hf("dinov2_registers").save_pretrained(tmp_path / "hf")
-    at = sidebar_source(app("explore").run(), "Path on the server")
+    at = sidebar_source(app("explore"), "Path on the server")
     at.text_input(key="checkpoint_path").set_value(str(tmp_path / "hf")).run(timeout=120)
     assert not at.exception, problems(at)
     handle = at.session_state["model_handle"]
     assert handle.meta["library"] == "transformers" and handle.meta["classes"][0] == "class 0", errors(at)
-    at.text_input(key="checkpoint_path").set_value("timm:vit_tiny_patch16_224").run(timeout=120)
+    at.text_input(key="checkpoint_path").set_value("timm:test_vit").run(timeout=120)  # timm's own tiny test ViT
     assert not at.exception, problems(at)
     assert at.session_state["model_handle"].meta["library"] == "timm"
     at.text_input(key="checkpoint_path").set_value(str(tmp_path / "absent")).run()
@@ -45,7 +47,7 @@ def test_architecture_with_uploaded_weights(tmp_path):
     same logits; a pickle (that would write a file when unpickled) and a misfit are one line."""
     original = tiny_timm("deit_distilled")
     save_file(original.state_dict(), tmp_path / "w.safetensors")
-    at = sidebar_source(app("explore").run(), "Architecture + weights")
+    at = sidebar_source(app("explore"), "Architecture + weights")
     at.text_input(key="arch_name").set_value(ARCH)
     at.text_input(key="arch_options").set_value(OPTIONS)
     at.file_uploader(key="weights_upload").set_value(("w.safetensors", (tmp_path / "w.safetensors").read_bytes(),
@@ -93,7 +95,7 @@ def test_hub_id_opens_from_the_cache_offline(tmp_path, monkeypatch: pytest.Monke
     cache = hub_cache(tmp_path / "cache", f"someone/tiny-vit-{COMMIT[:6]}", tmp_path / "saved")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    at = sidebar_source(app("explore").run(), "Hub id (download)")
+    at = sidebar_source(app("explore"), "Hub id (download)")
     at.text_input(key="hub_id").set_value(f"hf:someone/tiny-vit-{COMMIT[:6]}").run(timeout=120)
     assert not at.exception and not at.error, (problems(at), errors(at))
     assert at.session_state["model_handle"].meta["classes"][:2] == ["class 0", "class 1"]
