@@ -16,6 +16,7 @@ VARIANTS = [(name, {}) for name in list_models()] + [
     ("sa_cnn", {"pos_encoding": "none", "depth": 2}),
     ("sa_cnn", {"attn_stages": (0, 1, 1), "pos_encoding": "relative"}),
     ("sa_cnn", {"stem_stride": 2, "attn_stages": (0,), "pos_encoding": "relative", "heads": 1}),
+    ("sa_cnn", {"similarity": "cosine", "temperature_init": 1.0}),
     ("hybrid_vit", {"cls_token": True}),
 ]
 
@@ -203,6 +204,24 @@ def test_a_stride_2_stem_whitens_the_tiled_patches_and_halves_every_grid() -> No
     torch.testing.assert_close(out[:, 12:], -out[:, :12])
     grids = {n: m.grid for n, m in model.named_modules() if isinstance(m, SpatialSelfAttention2d)}
     assert grids == {"stages.0.1": (8, 8)} and model(images[:2]).shape == (2, 10)
+
+
+def test_cosine_temperature_init_sets_how_peaked_fresh_attention_is() -> None:
+    """At temperature 1 an untrained cosine layer's rows are almost uniform (the probe's
+    entropy within 1% of log N), at the old fixed 10 they are peaked before any training."""
+    from visattn.probe import probe
+
+    x = torch.randn(8, 3, 32, 32)
+    entropy = {}
+    for tau in (1.0, 10.0):
+        torch.manual_seed(0)
+        model = create_model("sa_cnn", widths=(16, 32), heads=1, attn_stages=(0,), stem_stride=2,
+                             similarity="cosine", temperature_init=tau)
+        model.stem.fit(x)
+        (layer,) = probe(model, x).values()
+        entropy[tau], uniform = layer["entropy"], layer["uniform"]
+        assert capture(model, x[:1]).attention["stages.0.1"].scale == pytest.approx(tau)
+    assert entropy[1.0] > 0.99 * uniform > entropy[10.0], entropy
 
 
 def test_flagship_recipe_has_three_attention_layers_over_two_grids() -> None:

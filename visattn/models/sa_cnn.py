@@ -23,6 +23,7 @@ class SACNNConfig:
     similarity: str = "dot"  # "dot" (÷√d_k) or "cosine" (learned temperature)
     pos_encoding: str = "sinusoidal"  # "none", "sinusoidal", "learned", "relative"
     gate_init: float = 0.1  # initial residual gate of each attention block
+    temperature_init: float = 10.0  # initial temperature of cosine similarity
     stem_stride: int = 1  # 2: the whitening stem tiles the image, so the stages start at half the side
 
 
@@ -38,7 +39,8 @@ class SACNN(nn.Module):
             if i in cfg.attn_stages:
                 layers += [
                     SpatialSelfAttention2d(
-                        width, cfg.heads, (side, side), cfg.similarity, cfg.pos_encoding, cfg.gate_init
+                        width, cfg.heads, (side, side), cfg.similarity, cfg.pos_encoding, cfg.gate_init,
+                        cfg.temperature_init,
                     )
                     for _ in range(cfg.depth * cfg.attn_stages.count(i))
                 ]
