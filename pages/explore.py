@@ -6,7 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from pages import _controls as controls, _pickers as pickers, _state as state
-from visattn import ablation, maps, panels, plotting
+from visattn import ablation, inference, maps, panels, plotting
 from visattn.app import figures, views
 
 
@@ -84,6 +84,36 @@ def ablated_probs(model_key: str, image_sha: str, off: tuple[tuple[str, int], ..
     return logits[0].float().softmax(-1).cpu().numpy()
 
 
+@st.cache_data(max_entries=64, show_spinner=False)
+def patching_fig(model_key: str, image_sha: str, corrupted_sha: str, _model, _analysis, _corrupted):
+    """Layers × heads share of the logit difference restored by each clean head (cached per pair)."""
+    device = next(_model.parameters()).device
+    effects = ablation.patching_effects(_model, _analysis.tensor.to(device), _corrupted.to(device))
+    return figures.patching_figure(effects)
+
+
+def patching_lab(handle, choice, analysis) -> None:
+    """Activation patching: this image is the clean run; the corrupted run is it blurred, or an upload."""
+    if not st.toggle("Activation patching: which heads carry the difference to a corrupted image?",
+                     key="explore_patching", help="Each head's output from this (clean) image is put into the "
+                     "corrupted run alone; the heatmap shows how much of the logit difference it restores."):
+        return
+    how = st.radio("Corrupted image", ["This image, blurred", "Another image (upload)"], horizontal=True,
+                   key="patching_source")
+    if how == "This image, blurred":
+        corrupted, sha = views.blurred(analysis.tensor), f"{choice.sha}:blur"
+    else:
+        up = st.file_uploader("Corrupted image", key="patching_upload", max_upload_size=pickers.MAX_BYTES // 2**20)
+        if up is None:
+            st.caption("Upload the corrupted image to compare with this one.")
+            return
+        with state.guard("the corrupted image"):
+            corrupted, sha = inference.prepare(up.getvalue(), handle.meta)[1], views.sha256(up.getvalue())
+    with state.guard("the patching effects"), st.spinner("Patching every head…"):
+        controls.show_fig(patching_fig(handle.key, choice.sha, sha, handle.model, analysis, corrupted),
+                          key="explore_patching_fig")
+
+
 def head_lab(handle, choice, analysis) -> None:
     """Head importance heatmap and head toggles that rerun the prediction without those heads."""
     st.header("What each head does for the prediction")
@@ -92,6 +122,7 @@ def head_lab(handle, choice, analysis) -> None:
         return
     with state.guard("the head importance"), st.spinner("Ablating every head…"):
         controls.show_fig(head_importance_fig(handle.key, choice.sha, handle.model, analysis), key="explore_importance")
+    patching_lab(handle, choice, analysis)
     options = [(layer, h) for layer, site in analysis.trace.attention.items() for h in range(site.heads)]
     off = st.multiselect("Heads switched off", options, format_func=lambda o: f"{o[0]} · head {o[1]}",
                          key=f"heads_off_{handle.key}")

@@ -216,6 +216,16 @@ def test_explore_head_lab_heatmap_and_toggles():
     top = np.argsort(-probs)[:5]
     assert list(after.data[0].text) == [f"{p * 100:.1f}%" for p in probs[top]]
     assert "2 head(s) off" in after.layout.title.text
+    at.toggle(key="explore_patching").set_value(True).run()  # clean: this image; corrupted: it blurred
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    figs = [plotly.io.from_json(c.proto.spec) for c in at.get("plotly_chart")]
+    patched = next(f for f in figs if f.layout.title.text.startswith("Logit difference restored"))
+    from visattn.ablation import patching_effects
+    from visattn.app.views import blurred
+
+    expected = patching_effects(model, tensor, blurred(tensor)).logit[0] * 100
+    assert list(patched.data[0].y) == effects.layers
+    np.testing.assert_allclose(np.array(patched.data[0].z, dtype=float), expected, atol=1e-3)
 
 
 @needs_checkpoint

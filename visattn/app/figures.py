@@ -136,21 +136,34 @@ def head_stats_figure(stats: dict[str, dict[str, np.ndarray]]):
     return fig
 
 
+def _head_heatmap(z: np.ndarray, layers: list[str], title: str, unit: str, colorbar: str):
+    """Layers × heads heatmap centred on zero (blue above, red below), NaN where a layer has fewer heads."""
+    limit = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+    fig = go.Figure(go.Heatmap(
+        z=z.tolist(), x=[f"head {h}" for h in range(z.shape[1])], y=layers, zmid=0.0, zmin=-limit,
+        zmax=limit, colorscale="RdBu", text=np.round(z, 1).tolist(), texttemplate="%{text:+.1f}",
+        colorbar={"title": {"text": colorbar, "side": "right"}},
+        hovertemplate=f"%{{y}} · %{{x}}: %{{z:+.2f}} {unit}<extra></extra>"))
+    fig.update_layout(title=title, yaxis={"autorange": "reversed"}, height=140 + 40 * len(layers),
+                      font={"size": FONT}, margin={"l": 10, "r": 10, "t": 50, "b": 10})
+    return fig
+
+
 def head_importance_figure(effects, class_name: str, b: int = 0):
     """Layers × heads heatmap of the change of one image's target probability (percentage
     points) when each head is ablated alone (``visattn.ablation.head_importance``); blue: the
     head was helping the prediction."""
-    z = effects.prob[b] * 100.0  # (layers, max heads), NaN where a layer has fewer heads
-    limit = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
-    fig = go.Figure(go.Heatmap(
-        z=z.tolist(), x=[f"head {h}" for h in range(z.shape[1])], y=effects.layers, zmid=0.0, zmin=-limit,
-        zmax=limit, colorscale="RdBu", text=np.round(z, 1).tolist(), texttemplate="%{text:+.1f}",
-        colorbar={"title": {"text": "Δ p (points)", "side": "right"}},
-        hovertemplate="%{y} · %{x}: %{z:+.2f} points<extra></extra>"))
-    fig.update_layout(title=f"Δ probability of '{class_name}' with each head ablated alone",
-                      yaxis={"autorange": "reversed"}, height=140 + 40 * len(effects.layers), font={"size": FONT},
-                      margin={"l": 10, "r": 10, "t": 50, "b": 10})
-    return fig
+    return _head_heatmap(effects.prob[b] * 100.0, effects.layers,
+                         f"Δ probability of '{class_name}' with each head ablated alone", "points", "Δ p (points)")
+
+
+def patching_figure(effects, b: int = 0):
+    """Layers × heads heatmap of the share (%) of the clean-minus-corrupted logit difference
+    each head restores when its clean output is patched into the corrupted run
+    (``visattn.ablation.patching_effects``)."""
+    return _head_heatmap(effects.logit[b] * 100.0, effects.layers,
+                         "Logit difference restored by patching each head's clean output into the corrupted run",
+                         "%", "restored (%)")
 
 
 def sanity_figure(rho: list[tuple[str, float]], method: str):

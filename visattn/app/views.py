@@ -236,3 +236,18 @@ def head_spec(off: list[tuple[str, int]]) -> dict[str, list[int]]:
     for layer, head in off:
         spec.setdefault(layer, []).append(int(head))
     return {layer: sorted(heads) for layer, heads in spec.items()}
+
+
+def blurred(tensor, sigma: float = 3.0):
+    """A corrupted copy of a model input (B, 3, H, W) for activation patching: a Gaussian
+    blur of standard deviation ``sigma`` pixels (kernel about 6σ, odd), in the input's own
+    normalised space.
+
+    >>> import torch
+    >>> blurred(torch.rand(1, 3, 32, 32)).shape
+    torch.Size([1, 3, 32, 32])
+    """
+    from torchvision.transforms.functional import gaussian_blur
+
+    k = 2 * int(3 * sigma) + 1
+    return gaussian_blur(tensor, [k, k], [sigma, sigma])
