@@ -2,6 +2,8 @@
 (one process and two torchrun processes), the cache."""
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import subprocess
@@ -186,6 +188,33 @@ def test_build_atlas_checks_its_arguments(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.safetensors"))
 
 
+def test_uploaded_images_make_a_data_set_labelled_by_the_model(tmp_path: Path, one_thread) -> None:
+    from PIL import Image
+
+    from visattn.atlas import UPLOADED
+    from visattn.atlas_view import image_word
+    from visattn.inference import model_inputs
+
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    files = []
+    for i, size in enumerate([(40, 30), (32, 32), (64, 48)]):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(buf, "PNG")
+        files.append((f"p{i}.png", buf.getvalue()))
+    split = atlas.split_of_images(files, model, META)
+    assert split.images.shape == (3, 3, 32, 32) and split.source == UPLOADED
+    with torch.no_grad():
+        assert split.labels.tolist() == model(model_inputs(split.images, META)).argmax(-1).tolist()
+    a = atlas.build_atlas(model, META, split, n=len(split), max_tokens=64, method="pca", cache=tmp_path)
+    assert image_word(a) == "uploaded image" and a.indices.tolist() == [0, 1, 2]
+    with pytest.raises(VisattnError, match=r"^bad.png: ") as e:
+        atlas.split_of_images([*files, ("bad.png", b"not an image")], model, META)
+    assert "\n" not in str(e.value)
+    with pytest.raises(VisattnError, match="no images"):
+        atlas.split_of_images([], model, META)
+
+
 @pytest.mark.slow  # UMAP compiles with numba on its first call: minutes on a shared 2-core machine
 def test_umap_keeps_planted_clusters_of_queries_and_keys_apart() -> None:
     g = torch.Generator().manual_seed(0)
@@ -239,7 +268,13 @@ def test_cli_json_png_and_html(tiny_files, tmp_path: Path, capsys, one_thread) -
     out = capsys.readouterr().out
     assert "stages.1.1 head 1: corr" in out and "stages.0.1" not in out.split("\n", 1)[1]
     html = (tmp_path / "atlas.html").read_text()
-    assert "<script src=\"http" not in html and "Plotly.newPlot" in html
+    assert "drawAtlas(" in html and "default-src 'none'" in html and "http://" not in html and "https://" not in html
+    data = json.loads(html.split('id="visattn-atlas">')[1].split("</script>")[0])
+    built, = [atlas.load_atlas(p) for p in (tmp_path / "cache" / "atlas").glob("*.safetensors")
+              if atlas.load_atlas(p).info["head"] == 1]
+    assert [(h["layer"], h["head"]) for h in data["heads"]] == [("stages.1.1", 1)]
+    xy = np.frombuffer(base64.b64decode(data["heads"][0]["xy"]), "<f4").reshape(-1, 2)
+    assert np.array_equal(xy, built.head("stages.1.1", 1).xy)
 
 
 def test_cli_bad_layer_one_line_no_file(tiny_files, tmp_path: Path) -> None:

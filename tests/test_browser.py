@@ -237,3 +237,72 @@ def test_bookmarked_page_opens_inside_the_navigation_on_a_fresh_server(driver) -
         sidebar = driver.find_element(By.CSS_SELECTOR, '[data-testid="stSidebar"]').text
         assert "Model source" in sidebar and "Checkpoint" in sidebar, sidebar
         assert driver.current_url.rstrip("/").endswith("/learn")
+
+
+def test_atlas_of_uploads_hover_shows_the_patch_and_a_click_opens_explore(server: str, driver, shots: Path,
+                                                                           tmp_path: Path) -> None:
+    """Atlas page: upload three photos, build a PCA atlas, point at a dot (the tooltip paints
+    its image patch), click it (the page shows it) and open it in Explore."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    def by_text(css: str, text: str):
+        return next((e for e in driver.find_elements(By.CSS_SELECTOR, css) if text in e.text), None)
+
+    def body() -> str:
+        return driver.find_element(By.TAG_NAME, "body").text
+
+    def plots() -> list:
+        return driver.find_elements(By.CSS_SELECTOR, "canvas.va-plot")
+
+    driver.get(server + "/atlas")
+    wait_for(driver, lambda: "Atlas" in driver.find_element(By.TAG_NAME, "h1").text, what="the Atlas page")
+    idle(driver, settle=2, timeout=180)
+    wait_for(driver, lambda: by_text('[data-testid="stRadio"] label', "Uploaded images"), what="the image choice")
+    by_text('[data-testid="stRadio"] label', "Uploaded images").click()
+    wait_for(driver, lambda: driver.find_elements(By.CSS_SELECTOR, 'input[type="file"]'), what="the uploader")
+    photos = [photo(tmp_path / f"atlas{i}.jpg") for i in range(3)]
+    for i, p in enumerate(photos):  # three different images
+        Image.open(p).rotate(90 * i).save(p, "JPEG", quality=92)
+    driver.find_element(By.CSS_SELECTOR, 'input[type="file"]').send_keys("\n".join(str(p) for p in photos))
+    wait_for(driver, lambda: "No atlas of these settings" in body() or plots(), timeout=180, what="the atlas")
+    by_text('[data-testid="stSelectbox"]', "Embedding").click()
+    wait_for(driver, lambda: by_text('[role="option"]', "PCA"), what="the embedding choices")
+    by_text('[role="option"]', "PCA").click()
+    idle(driver)
+    wait_for(driver, lambda: plots() or by_text("button", "Build the atlas"), what="the build button")
+    if not plots():  # (the atlas of these photos may be cached by an earlier run)
+        by_text("button", "Build the atlas").click()
+    wait_for(driver, plots, timeout=240, what="the atlas plots")
+    idle(driver, settle=2)
+    no_exception(driver)
+    plot = driver.find_element(By.CSS_SELECTOR, "canvas.va-plot")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", plot)
+    # a drawn dot: the first non-white pixel of the first plot, read back from its canvas
+    x, y = driver.execute_script("""
+        const c = arguments[0], px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        for (let i = 0; i < px.length; i += 4) if (px[i] + px[i + 1] + px[i + 2] < 600) {
+          const j = i / 4; return [j % c.width + 1, Math.floor(j / c.width) + 1]; }
+        return null;""", plot)
+    w, h = plot.size["width"], plot.size["height"]
+    ActionChains(driver).move_to_element_with_offset(plot, x - w // 2, y - h // 2).perform()
+    tip = driver.find_element(By.CSS_SELECTOR, ".va-tip")
+    wait_for(driver, tip.is_displayed, timeout=10, what="the hover tooltip")
+    assert "uploaded image" in tip.text and "head 0" in tip.text, tip.text
+    painted = driver.execute_script("""
+        const c = arguments[0].querySelector('canvas'), px = c.getContext('2d').getImageData(0, 0, c.height, c.height).data;
+        let n = 0; for (let i = 0; i < px.length; i += 4) if (px[i] + px[i + 1] + px[i + 2] < 740) n++; return n;""", tip)
+    assert painted > 100, "the tooltip shows no image patch"
+    driver.save_screenshot(str(shots / "atlas_hover.png"))
+    caption = tip.text.split("norm")[0]
+    ActionChains(driver).move_to_element_with_offset(plot, x - w // 2, y - h // 2).click().perform()
+    wait_for(driver, lambda: by_text("button", "Open this image and query in Explore"), timeout=60,
+             what="the clicked point's details")
+    idle(driver)
+    assert caption in body(), (caption, body()[-1500:])
+    driver.save_screenshot(str(shots / "atlas_click.png"))
+    by_text("button", "Open this image and query in Explore").click()
+    wait_for(driver, lambda: "Explore" in driver.find_element(By.TAG_NAME, "h1").text, what="Explore")
+    idle(driver, settle=2)
+    no_exception(driver)
+    assert "Using your earlier upload: atlas" in body()

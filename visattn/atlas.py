@@ -30,7 +30,7 @@ from visattn.errors import VisattnError
 from visattn.sites import AttentionSite
 from visattn.tracing import capture
 
-VERSION = 1  # bump when the cached content changes meaning
+VERSION = 2  # bump when the cached content changes meaning
 DEFAULT_MAX_TOKENS = 4096  # tokens sampled per layer (each gives one query and one key point)
 DEFAULT_PAIRS = 20_000  # query-key pairs sampled for ``corr``
 THUMB = 64  # largest side of the image thumbnails kept in the atlas (hover, click)
@@ -362,16 +362,16 @@ def build_atlas(model: nn.Module, meta: dict[str, Any], split, *, n: int = 1000,
         raise VisattnError("--n must be at least 1 and --max-tokens at least 2")
     indices = split.sample_indices(n, seed)
     images, labels = split.images[indices], split.labels[indices]
-    x = model_inputs(images, meta)
-    only = chosen_heads(_site_shape(model, x), layer, head)
-    params = {"n": len(indices), "seed": seed, "max_tokens": max_tokens, "method": method,
-              "only": [list(p) for p in only]}
-    key = fingerprint(model, images, labels, params)
+    params = {"n": len(indices), "seed": seed, "max_tokens": max_tokens, "method": method, "layer": layer,
+              "head": head}
+    key = fingerprint(model, images, labels, params)  # no forward pass: a cached atlas opens at once
     path = cache_path(key, cache)
     if path.exists() and not refresh:
         return load_atlas(path)
     if cached_only:
         return None
+    x = model_inputs(images, meta)
+    only = chosen_heads(_site_shape(model, x), layer, head)
     rank, world = dist_info()
     t0 = time.perf_counter()
     layers = extract(model, x, max_tokens=max_tokens, seed=seed, rank=rank, world=world)
@@ -384,7 +384,8 @@ def build_atlas(model: nn.Module, meta: dict[str, Any], split, *, n: int = 1000,
                        "tokens": (t.grid[0] * t.grid[1] + t.prefix), "image": t.image.numpy(),
                        "token": t.token.numpy()} for name, t in layers.items()},
         images=thumbnails(images), labels=labels.numpy(), indices=indices.numpy(), classes=list(split.classes),
-        info={**params, "key": key, "data": str(split.source), "model": meta.get("model"), "processes": world,
+        info={**params, "only": [list(p) for p in only], "key": key, "data": str(split.source),
+              "model": meta.get("model"), "processes": world,
               "extract_seconds": round(t1 - t0, 2), "embed_seconds": round(t2 - t1, 2),
               "sampled": {name: len(t.token) for name, t in layers.items()},
               "all_tokens": {name: len(indices) * (t.grid[0] * t.grid[1] + t.prefix) for name, t in layers.items()}},
@@ -392,6 +393,36 @@ def build_atlas(model: nn.Module, meta: dict[str, Any], split, *, n: int = 1000,
     if rank == 0:
         save_atlas(atlas, path)
     return atlas
+
+
+MAX_UPLOADS = 500  # images in an atlas of uploads
+UPLOADED = "uploaded images"  # ``Split.source`` of an atlas of uploads
+
+
+@torch.no_grad()
+def split_of_images(files: list[tuple[str, bytes]], model: nn.Module, meta: dict[str, Any]):
+    """Uploaded images as a data set for :func:`build_atlas` (a :class:`visattn.data.Split`,
+    source ``"uploaded images"``): each checked and cropped as Explore does
+    (:func:`visattn.inference.prepare`), labelled with the model's predicted class.
+    A bad file raises one line naming it.
+    """
+    from visattn.data import Split
+    from visattn.inference import model_inputs, prepare
+
+    if not files:
+        raise VisattnError("no images: upload at least one")
+    if len(files) > MAX_UPLOADS:
+        raise VisattnError(f"{len(files)} images: an atlas of uploads takes at most {MAX_UPLOADS}")
+    images = []
+    for name, data in files:
+        try:
+            images.append(torch.from_numpy(prepare(data, meta)[0]).permute(2, 0, 1))
+        except VisattnError as e:
+            raise type(e)(f"{name}: {e}") from None
+    x = torch.stack(images)
+    device = next(model.parameters()).device
+    labels = torch.cat([model(b.to(device)).argmax(-1).cpu() for b in model_inputs(x, meta).split(100)])
+    return Split(x.contiguous(), labels, tuple(meta["classes"]), UPLOADED)
 
 
 def cache_path(key: str, cache: str | Path | None = None) -> Path:

@@ -234,7 +234,7 @@ def cmd_faithfulness(a: argparse.Namespace) -> int:
 
 def cmd_atlas(a: argparse.Namespace) -> int:
     from visattn.atlas import build_atlas
-    from visattn.atlas_view import atlas_figure, atlas_png, describe, summary_json
+    from visattn.atlas_view import atlas_html, atlas_png, describe, summary_json
     from visattn.checkpoint import atomic_write
     from visattn.data import load_split
     from visattn.train import dist_info
@@ -253,9 +253,7 @@ def cmd_atlas(a: argparse.Namespace) -> int:
         if out.suffix.lower() == ".png":
             data = atlas_png(atlas, colour_by=a.colour)
         else:
-            fig = atlas_figure(atlas, colour_by=a.colour)
-            fig.update_layout(title=describe(atlas))
-            data = fig.to_html(include_plotlyjs=True, full_html=True).encode()
+            data = atlas_html(atlas, colour_by=a.colour).encode()
         atomic_write(out, data)
     if a.json:
         print(json.dumps(summary_json(atlas), indent=2))
