@@ -67,12 +67,12 @@ def main(start: str = "explore") -> None:
     st.set_page_config(layout="wide", page_title="visattn", page_icon=":material/visibility:")
     _state.init_state()
     policy = _state.policy()
-    pages = [page(spec, default=spec.url_path == start) for spec in allowed_pages(policy)]
+    pages = {spec.url_path: page(spec, default=spec.url_path == start) for spec in allowed_pages(policy)}
     if not policy.train:  # a bookmarked /train: one line, not Explore in its place
-        pages.append(st.Page(training_off, title="Train", url_path="train", visibility="hidden",
-                             default=start == "train"))
+        pages["train"] = st.Page(training_off, title="Train", url_path="train", visibility="hidden",
+                                 default=start == "train")
     _state.set_pages(pages)
-    nav = st.navigation(pages)
+    nav = st.navigation(list(pages.values()))
     if policy.public:
         st.info(policy.banner(), icon=":material/public:")
     _pickers.model_picker()

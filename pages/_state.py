@@ -136,9 +136,10 @@ def slow_turn() -> Callable[[], contextlib.AbstractContextManager]:
     return lambda: queue.slot(session, timeout=600)
 
 
-def set_pages(pages: list[st.Page]) -> None:
-    """The pages the navigation shows this run, for :func:`switch_to`."""
-    st.session_state["_nav_pages"] = {p.url_path: p for p in pages}
+def set_pages(pages: dict[str, st.Page]) -> None:
+    """The pages the navigation shows this run, by their ``PageSpec.url_path``, for
+    :func:`switch_to` (not by ``st.Page.url_path``: the default page's is "")."""
+    st.session_state["_nav_pages"] = dict(pages)
 
 
 def switch_to(url_path: str) -> None:

@@ -20,15 +20,15 @@ VIEW = st.components.v2.component("visattn_atlas", js=atlas_view.COMPONENT_JS, c
 
 
 def open_in_explore(target: dict) -> None:
-    """Show this image and query in Explore (session state, then the page switch)."""
+    """Show this image and query in Explore (session state now, the page switch in :func:`main`)."""
     if "upload" in target:  # Explore's "earlier upload"
         name, data = target["upload"]
         st.session_state.update(uploaded_image=pickers.ImageChoice(data, views.sha256(data), name),
                                 image_source=state.IMAGE_SOURCES[1])
     else:
         st.session_state.update(image_source=state.IMAGE_SOURCES[0], sample_index=target["sample_index"])
-    st.session_state.update(query_yx=target["query_yx"], layer=target["layer"], head=f"head {target['head']}")
-    state.switch_to("explore")
+    st.session_state.update(query_yx=target["query_yx"], layer=target["layer"], head=f"head {target['head']}",
+                            atlas_open_explore=True)  # main() switches: st.switch_page fails inside a callback
 
 
 def point_details(atlas, hm, point: int, uploads: list | None) -> None:
@@ -75,6 +75,8 @@ def uploaded_split(handle):
 
 
 def main() -> None:
+    if st.session_state.pop("atlas_open_explore", False):
+        state.switch_to("explore")
     st.title("Atlas: queries and keys of many images, per head")
     st.markdown("Each head's query vectors (green) and key vectors (pink) of many images, embedded together in "
                 "2D after AttentionViz's normalisation (keys moved onto the queries' centroid, both scaled to one "

@@ -302,7 +302,7 @@ def test_atlas_of_uploads_hover_shows_the_patch_and_a_click_opens_explore(server
     assert caption in body(), (caption, body()[-1500:])
     driver.save_screenshot(str(shots / "atlas_click.png"))
     by_text("button", "Open this image and query in Explore").click()
-    wait_for(driver, lambda: "Explore" in driver.find_element(By.TAG_NAME, "h1").text, what="Explore")
+    wait_for(driver, lambda: "Explore" in driver.find_element(By.TAG_NAME, "h1").text, timeout=180, what="Explore")
     idle(driver, settle=2)
     no_exception(driver)
     assert "Using your earlier upload: atlas" in body()
