@@ -265,11 +265,34 @@ def percentile(values: list[float], q: float) -> float:
     return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (k - lo)
 
 
-def round_of_tabs(driver, urls: list[str], files: list[Path], first: bool = True) -> list[TabResult]:
-    """Open one tab per file (tab i on ``urls[i % len(urls)]``), upload all at once, collect."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) so far of process ``pid`` and its live descendants (Linux /proc)."""
+    stats = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            stats[int(d.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime + stime
+    tree, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        todo += [c for c, (ppid, _) in stats.items() if ppid == p and c not in tree]
+    return sum(stats[p][1] for p in tree if p in stats) / os.sysconf("SC_CLK_TCK")
+
+
+def round_of_tabs(driver, urls: list[str], files: list[Path], first: bool = True,
+                  pids: dict[str, int] | None = None) -> tuple[list[TabResult], dict[str, float]]:
+    """Open one tab per file (tab i on ``urls[i % len(urls)]``), upload all at once, collect.
+    Also returns the CPU seconds each process tree of ``pids`` ({name: pid}) spent from the
+    uploads until every tab settled (where the time goes: server or browser)."""
     handles = [open_tab(driver, urls[i % len(urls)], first=first and i == 0) for i in range(len(files))]
+    before = {name: cpu_seconds(pid) for name, pid in (pids or {}).items()}
     upload_all(driver, handles, files)
-    return collect(driver, handles, files)
+    results = collect(driver, handles, files)
+    return results, {name: cpu_seconds(pid) - before[name] for name, pid in (pids or {}).items()}
 
 
 def close_tabs(driver) -> None:
@@ -290,23 +313,25 @@ def summary(results: list[TabResult]) -> dict[str, float]:
 
 def sweep(counts: list[int], workdir: Path, check: bool = False) -> list[dict[str, Any]]:
     """One server, one browser; for each count a fresh round of that many tabs (after one warm-up
-    tab with another photo). Rows: p50/p95/max latency, ``all_own`` (every tab showed exactly its
-    own prediction and file name, and no error) and the ``failures``. ``check``: stop at the first
+    tab with another photo). Rows: p50/p95/max latency, the CPU seconds the server and the
+    browser spent on the round (``server_cpu``, ``browser_cpu``), ``all_own`` (every tab showed
+    exactly its own prediction and file name, and no error) and the ``failures``. ``check``: stop at the first
     round that fails."""
     *files, spare = photos(max(counts) + 1, workdir / "photos")
     expected = [expected_prediction(p) for p in files]
     url, proc = start_server(env={"OMP_NUM_THREADS": "1"})
     driver = chrome(workdir / "chrome")
     rows = []
+    pids = {"server_cpu": proc.pid, "browser_cpu": driver.service.process.pid}
     try:
         round_of_tabs(driver, [url], [spare])  # warm-up: model load, first-call costs
         close_tabs(driver)
         for n in counts:
-            results = round_of_tabs(driver, [url], files[:n], first=True)
+            results, cpu = round_of_tabs(driver, [url], files[:n], first=True, pids=pids)
             close_tabs(driver)
             failures = [(r, e) for r, e in zip(results, expected)
                         if not (r.prediction == e and r.names_shown == [r.file] and not r.errors)]
-            rows.append({**summary(results), "all_own": not failures, "failures": failures})
+            rows.append({**summary(results), **cpu, "all_own": not failures, "failures": failures})
             if check and failures:
                 break
     finally:
@@ -328,7 +353,8 @@ def bench_tabs(counts: tuple[int, ...] = (1, 8, 16, 32)) -> list[dict[str, Any]]
     out = []
     for r in rows:
         note = (f"{r['settled']}/{r['tabs']} settled, each its own prediction: {r['all_own']}; "
-                f"p50 {r['p50']:.2f} s, max {r['max']:.2f} s")
+                f"p50 {r['p50']:.2f} s, max {r['max']:.2f} s; CPU s: server {r['server_cpu']:.1f}, "
+                f"browser {r['browser_cpu']:.1f}")
         if r["tabs"] == 16:
             note = "target p95 <= 3× one tab; " + note
         out.append({"what": f"{r['tabs']} browser tabs at once: p95 upload-to-settled", "baseline": "one tab alone",
@@ -344,4 +370,5 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         for row in sweep(counts, Path(tmp)):
             print(f"{row['tabs']:3d} tabs: p50 {row['p50']:.2f} s, p95 {row['p95']:.2f} s, max {row['max']:.2f} s, "
-                  f"settled {row['settled']}/{row['tabs']}, each its own prediction: {row['all_own']}", flush=True)
+                  f"settled {row['settled']}/{row['tabs']}, each its own prediction: {row['all_own']}; "
+                  f"CPU s server {row['server_cpu']:.1f}, browser {row['browser_cpu']:.1f}", flush=True)
