@@ -116,7 +116,8 @@ def gae(model: nn.Module, images: Tensor, targets: Tensor | list[int] | int | No
 # ---------------------------------------------------------------- LRP as modified gradients
 
 def _safe_div(a: Tensor, b: Tensor) -> Tensor:
-    return torch.where(b.abs() > 1e-9, a / torch.where(b.abs() > 1e-9, b, torch.ones_like(b)), torch.zeros_like(a))
+    """a / b, and 0 where |b| <= 1e-9 (a finite a divided by inf)."""
+    return a / torch.where(b.abs() > 1e-9, b, torch.inf)
 
 
 def _surrogate(value: Tensor, carrier: Tensor) -> Tensor:
@@ -136,7 +137,8 @@ class _Ops:
         z = F.linear(x, w, b)
         if not self.lrp:
             return z
-        zp = F.linear(x.clamp(min=0), w.clamp(min=0)) + F.linear(x.clamp(max=0), w.clamp(max=0))  # z⁺ rule
+        # z⁺ rule: x⁺w⁺ + x⁻w⁻, as one matmul over the two halves side by side
+        zp = F.linear(torch.cat([x.clamp(min=0), x.clamp(max=0)], -1), torch.cat([w.clamp(min=0), w.clamp(max=0)], 1))
         return _surrogate(z, zp * _safe_div(z, zp).detach())
 
     def identity_rule(self, f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
