@@ -303,7 +303,7 @@ def test_train_form_starts_and_stops_a_background_run(monkeypatch, tmp_path):
     (argv, kwargs), = started
     assert argv[1:5] == ["-m", "visattn", "train", "--model"] and kwargs["start_new_session"] is True
     assert argv[argv.index("--out") + 1] == str(tmp_path / "unit_test_run.safetensors")
-    assert "heads=4" in argv and "widths=(32,64,128)" in argv
+    assert "heads=1" in argv and "widths=(32,64,)" in argv and "similarity=cosine" in argv
     at.button(key="stop_unit_test_run").click().run()
     assert not at.exception, problems(at)
     assert killed and killed[0][0] == FakePopen.pid
@@ -332,7 +332,7 @@ def test_click_and_pixel_conversions():
 
 def test_train_argv_is_validated():
     argv = runs.train_argv("ok-name_1", "sa_cnn", 3, 16, 2, "cosine", "relative", 2048, data="/data")
-    assert argv[argv.index("--set") + 1] == "widths=(16,32,64)"
+    assert argv[argv.index("--set") + 1] == "widths=(16,32,)"
     assert "similarity=cosine" in argv and "pos_encoding=relative" in argv and "--subset" in argv
     for bad in ("../escape", "a b", "", "x" * 60):
         with pytest.raises(VisattnError):
@@ -344,8 +344,17 @@ def test_train_argv_is_validated():
     for images in (0, 511):
         with pytest.raises(VisattnError, match="at least 512"):
             runs.train_argv("x", subset=images)
-    assert runs.train_argv("x")[-12:] == ["--probe", "0", "--subset", "50000", "--set", "widths=(32,64,128)", "--set",
-                                          "heads=4", "--set", "similarity=dot", "--set", "pos_encoding=relative"]
+    default = runs.train_argv("x")
+    sets = [default[i + 1] for i, word in enumerate(default) if word == "--set"]
+    assert default[default.index("--subset") + 1] == "50000" and default[default.index("--epochs") + 1] == "3"
+    from visattn.cli import parse_overrides
+    from visattn.models import create_model
+    from visattn.models.attention import SpatialSelfAttention2d
+
+    model = create_model("sa_cnn", **parse_overrides(sets))  # the default form's model, from its --set options
+    (attn,) = [m for m in model.modules() if isinstance(m, SpatialSelfAttention2d)]
+    assert (attn.grid, attn.heads, attn.similarity, attn.pos_encoding) == ((8, 8), 1, "cosine", "relative")
+    assert model.stem.conv.stride == (2, 2) and float(attn.gate) == 1.0 and float(attn.scale()) == pytest.approx(10.0)
 
 
 def test_read_metrics_tolerates_a_half_written_line(tmp_path):
