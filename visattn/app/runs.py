@@ -49,7 +49,8 @@ def model_overrides(model: str, width: int, heads: int, similarity: str, pos_enc
 DEFAULT_FORM: dict[str, Any] = {"model": "sa_cnn", "epochs": 3, "width": 32, "heads": 1, "similarity": "cosine",
                                 "pos_encoding": "relative", "subset": 50000, "eval_subset": 0}
 #: The residual gate the form's sa_cnn starts with: attention counts from the first step, so
-#: its queries and keys learn (at 0.1 the probe's entropy stayed at 4.13 of log 64 = 4.16).
+#: its queries and keys get gradient (dot product, about 80 steps: probe entropy 4.11 at gate 0.1,
+#: 4.02 at gate 1, of log 64 = 4.16).
 FORM_GATE = 1.0
 MIN_IMAGES = 512  # one batch
 
