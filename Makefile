@@ -25,7 +25,7 @@ serve: $(STAMP)
 	$(PY) deploy/serve.py --replicas $(REPLICAS) --port $(PORT) --host $(HOST)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
