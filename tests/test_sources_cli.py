@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from tests.foreign_models import SIDE, TIMM_BASE, tiny_hf, tiny_timm
+from tests.foreign_models import HF_FAMILIES, SIDE, TIMM_BASE, TINY_TIMM, tiny_hf, tiny_timm
 from tests.test_sources import hub_cache
 from visattn.cli import main
 from visattn.inference import predict_image
@@ -88,3 +88,24 @@ def test_predict_every_other_source(kind: str, tmp_path: Path, photo: Path, caps
     assert main(["predict", *args, str(photo), "-k", "3", "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
     assert len(result["top"]) == 3 and sum(p for _, p in result["top"]) <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("library, family", [("timm", f) for f in TINY_TIMM] + [("hf", f) for f in HF_FAMILIES])
+def test_predict_every_family(library: str, family: str, tmp_path: Path, photo: Path, capsys) -> None:
+    """``visattn predict`` (in process) on each family saved as its users save it agrees with the library."""
+    if library == "timm":
+        save_file(tiny_timm(family).state_dict(), tmp_path / "w.safetensors")
+        arch, overrides = TINY_TIMM[family]
+        options = {**TIMM_BASE, **overrides}
+        args = [f"timm:{arch}", "--weights", str(tmp_path / "w.safetensors"),
+                *[x for k, v in options.items() for x in ("--set", f"{k}={v}")]]
+        model, meta = load_model(f"timm:{arch}", weights=tmp_path / "w.safetensors", options=options)
+    else:
+        tiny_hf(family).save_pretrained(tmp_path / "hf")
+        args = [str(tmp_path / "hf")]
+        model, meta = load_model(tmp_path / "hf")
+    assert main(["predict", args[0], str(photo), *args[1:], "--json"]) == 0
+    expected = predict_image(model, meta, photo.read_bytes())
+    got = top_of(capsys.readouterr().out)
+    assert [c for c, _ in got] == [c for c, _ in expected]
+    assert [p for _, p in got] == pytest.approx([p for _, p in expected], abs=1e-5)
