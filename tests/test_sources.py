@@ -150,6 +150,28 @@ def test_pickles_are_refused_without_running(tmp_path: Path) -> None:
     assert not proof.exists()
 
 
+def test_a_safetensors_file_whose_first_byte_is_the_pickle_mark_opens(tmp_path: Path) -> None:
+    """A header 0x..80 bytes long starts the file with 0x80, the pickle protocol byte: still safetensors."""
+    from visattn.sources import load_state_dict, refuse_pickle
+
+    original = tiny_timm("vit")
+    path = tmp_path / "w.safetensors"
+    for pad in range(256):
+        save_file(original.state_dict(), path, metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    refuse_pickle(path)
+    model = tiny_timm("vit")
+    torch.nn.init.zeros_(model.head.weight)
+    load_state_dict(model, path)
+    torch.testing.assert_close(model.head.weight, original.head.weight)
+    pickle_path = tmp_path / "renamed.safetensors"  # a pickle under a safetensors name: refused by its content
+    pickle_path.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    with pytest.raises(CheckpointError, match="is a PyTorch pickle"):
+        refuse_pickle(pickle_path)
+
+
 def test_weights_that_do_not_fit_name_the_first_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import timm
 

@@ -147,10 +147,14 @@ def parse_options(items: Sequence[str], flag: str = "--set") -> dict[str, Any]:
 
 # -- safetensors state dicts -----------------------------------------------------------
 def refuse_pickle(path: Path) -> None:
-    """Raise on a file that is (or claims to be) a pickle: nothing in it is read."""
+    """Raise on a file that is (or claims to be) a pickle: nothing in it is read. A safetensors
+    file starts with its header's length (8 bytes, little-endian) and the header's ``{``; its first
+    byte may well be ``0x80``, the pickle protocol mark, so that alone does not refuse it."""
     with open(path, "rb") as f:
-        head = f.read(4)
-    if path.suffix.lower() in _PICKLE_SUFFIXES or head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        head = f.read(9)
+    safetensors = len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
+    pickled = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    if path.suffix.lower() in _PICKLE_SUFFIXES or (pickled and not safetensors):
         dst = path.with_suffix(".safetensors").name
         raise CheckpointError(f"{path.name} is a PyTorch pickle; visattn opens safetensors only and runs nothing from a "
                               f"pickle. Convert it once where you trust it: {CONVERT.format(src=path.name, dst=dst)}")
