@@ -13,7 +13,8 @@ and its index.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,10 +40,11 @@ def _prepared(model: nn.Module) -> dict[int, str]:
     return {id(m): n for n, m in model.named_modules()}
 
 
-def _run(model: nn.Module, images: Tensor, names: dict[int, str],
-         edits: Mapping[str, Callable[[Tensor], Tensor]]) -> Tensor:
-    """Logits of ``model(images)`` with ``edits[layer](out) -> out`` applied to the head
-    outputs of the named layers; an edited layer the forward never reached is an error."""
+@contextlib.contextmanager
+def _edited_layers(names: dict[int, str], edits: Mapping[str, Callable[[Tensor], Tensor]]) -> Iterator[None]:
+    """Inside the block, ``edits[layer](out) -> out`` is applied to the head outputs of the
+    named layers (this thread only); an edited layer the block's forwards never reached is an
+    error at its end."""
     seen: list[str] = []
 
     def edit(module: nn.Module, out: Tensor) -> Tensor:
@@ -50,10 +52,16 @@ def _run(model: nn.Module, images: Tensor, names: dict[int, str],
         seen.append(name)
         return edits[name](out) if name in edits else out
 
-    with editing(edit), torch.no_grad():
-        logits = model(images)
+    with editing(edit):
+        yield
     _check_layers(edits, seen)
-    return logits
+
+
+def _run(model: nn.Module, images: Tensor, names: dict[int, str],
+         edits: Mapping[str, Callable[[Tensor], Tensor]]) -> Tensor:
+    """Logits of ``model(images)`` with :func:`_edited_layers`' ``edits``."""
+    with _edited_layers(names, edits), torch.no_grad():
+        return model(images)
 
 
 def _check_layers(wanted: Iterable[str], seen: Sequence[str]) -> None:
@@ -137,8 +145,24 @@ def ablate(model: nn.Module, images: Tensor, heads: HeadSpec, mode: str = "zero"
     >>> torch.equal(ablate(model, x, {}), model(x))
     True
     """
-    names = _prepared(model)
-    sources = _replacements(model, images, list(heads), mode, reference)
+    with ablating(model, heads, mode, reference if reference is not None else images), torch.no_grad():
+        return model(images)
+
+
+@contextlib.contextmanager
+def ablating(model: nn.Module, heads: HeadSpec, mode: str = "zero", reference: Tensor | None = None) -> Iterator[None]:
+    """Inside the block, every forward of ``model`` in this thread runs with the given heads'
+    outputs replaced, as in :func:`ablate` (``reference``: the images of "mean"); an ablated
+    layer that no forward reached is an AblationError at the end of the block.
+
+    >>> from visattn import create_model
+    >>> model = create_model("hybrid_vit", depth=2).eval()
+    >>> with ablating(model, {"blocks.0.attn": [1]}), torch.no_grad():
+    ...     logits = model(torch.rand(1, 3, 32, 32))
+    """
+    if mode == "mean" and reference is None:
+        raise AblationError("mean ablation needs a reference set of images")
+    sources = _replacements(model, reference, list(heads), mode, reference)
 
     def edit_for(layer: str) -> Callable[[Tensor], Tensor]:
         def edit(out: Tensor) -> Tensor:
@@ -146,7 +170,8 @@ def ablate(model: nn.Module, images: Tensor, heads: HeadSpec, mode: str = "zero"
             return _replace(out, mask, sources[layer])
         return edit
 
-    return _run(model, images, names, {layer: edit_for(layer) for layer in heads})
+    with _edited_layers(_prepared(model), {layer: edit_for(layer) for layer in heads}):
+        yield
 
 
 def _sweep(model: nn.Module, images: Tensor, names: dict[int, str], layer: str, count: int,

@@ -12,7 +12,8 @@ model. The mode sees three calls:
 - ``F.multi_head_attention_forward`` (every ``nn.MultiheadAttention``): the same, after the
   module's own input projection;
 - a softmax in transformers' ``eager_attention_forward`` or timm's unfused path: the weights
-  are the model's own, Q and K are read from the calling frame.
+  are the model's own, Q and K are read from the calling frame (under a logit rescale,
+  :func:`visattn.sites.rescaled`, the weights are recomputed with the new scale).
 
 The module that made a call is the nearest ``self`` / ``module`` on the Python stack.
 Windowed (Swin) and cross-attention calls are run as they are and reported as not captured;
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from visattn.sites import AttentionSite, attend, current_recorder, record_extras
+from visattn.sites import AttentionSite, attend, current_recorder, current_rescale, record_extras
 from visattn.tokens import guess_layout
 
 
@@ -264,7 +265,15 @@ class ForeignAttention(TorchFunctionMode):
         if not all(isinstance(t, Tensor) for t in (q, k, v)) or not isinstance(owner, nn.Module) or not scale:
             return weights
         rec = current_recorder()
-        if rec is None or id(owner) not in rec.names:
+        if rec is not None and id(owner) not in rec.names:
+            return weights
+        rescale = current_rescale()
+        if rescale is not None and q.dim() == k.dim() == 4:
+            new = float(rescale(owner, float(scale), q.shape[-1], "dot"))
+            if new != scale:  # the model's logits plus (new - old) Q Kᵀ: its mask stays as it was
+                weights = func(args[0] + (q @ k.transpose(-2, -1)) * (new - scale), *args[1:], **kwargs)
+                scale = new
+        if rec is None:
             return weights  # under an edit only: the model computes its own head outputs
         refusal = self._refusal(owner, q, k)
         if refusal is None and weights.shape != (*q.shape[:-1], k.shape[-2]):

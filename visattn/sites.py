@@ -5,8 +5,10 @@ libraries' layers through :mod:`visattn.intercept`). Nobody watches during train
 plain inference, so :func:`attend` takes the fused SDPA path. While a :class:`Recorder` is
 active in this thread (:func:`recording`, used by :func:`visattn.capture`), it computes the
 weights explicitly and records an :class:`AttentionSite`; while an edit is active
-(:func:`edited`, used by :func:`visattn.tracing.editing`), the head outputs pass through it.
-Both live in ``contextvars``: each thread (each Streamlit session) sees only its own.
+(:func:`edited`, used by :func:`visattn.tracing.editing`), the head outputs pass through it;
+while a rescale is active (:func:`rescaled`, used by :func:`visattn.breaking.broken`), the
+scale of the logits is its. All three live in ``contextvars``: each thread (each Streamlit
+session) sees only its own.
 """
 from __future__ import annotations
 
@@ -35,6 +37,11 @@ _RECORDER: contextvars.ContextVar["Recorder | None"] = contextvars.ContextVar(
 #: (B, heads, N, d_v) before the output projection.
 HeadEdit = Callable[[nn.Module, Tensor], Tensor]
 _EDIT: contextvars.ContextVar["HeadEdit | None"] = contextvars.ContextVar("visattn_edit", default=None)
+
+#: ``rescale(module, scale, d_k, similarity) -> scale``: the scale of each attention layer's
+#: logits (1/√d_k for "dot", the learned temperature for "cosine") as this thread runs it.
+ScaleEdit = Callable[[nn.Module, "float | Tensor", int, str], "float | Tensor"]
+_RESCALE: contextvars.ContextVar["ScaleEdit | None"] = contextvars.ContextVar("visattn_rescale", default=None)
 
 
 @dataclass
@@ -166,6 +173,21 @@ def edited(edit: HeadEdit) -> Iterator[None]:
         _EDIT.reset(token)
 
 
+@contextlib.contextmanager
+def rescaled(rescale: ScaleEdit) -> Iterator[None]:
+    """Make ``rescale`` this thread's logit-scale edit inside the ``with`` block."""
+    token = _RESCALE.set(rescale)
+    try:
+        yield
+    finally:
+        _RESCALE.reset(token)
+
+
+def current_rescale() -> ScaleEdit | None:
+    """The logit-scale edit active in this thread, or ``None``."""
+    return _RESCALE.get()
+
+
 def attend(
     module: nn.Module,
     q: Tensor,
@@ -179,11 +201,14 @@ def attend(
     prefix: int = 0,
 ) -> Tensor:
     """softmax(sim(Q, K) * scale + bias) V: fused when unobserved (unless :func:`fused_is_faster` says
-    otherwise), explicit when captured; the head outputs pass through the thread's edit, if any
-    (:func:`editing`).
+    otherwise), explicit when captured; the scale passes through the thread's rescale and the head
+    outputs through its edit, if any (:func:`rescaled`, :func:`edited`).
 
     q, k: (B, h, N, d_k); v: (B, h, N, d_v); bias: (h, N, N). Returns (B, h, N, d_v).
     """
+    rescale = _RESCALE.get()
+    if rescale is not None:
+        scale = rescale(module, scale, q.shape[-1], similarity)
     if similarity == "cosine":
         qs, ks = nn.functional.normalize(q, dim=-1), nn.functional.normalize(k, dim=-1)
     else:

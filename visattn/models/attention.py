@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from visattn.positions import sinusoidal_on
 from visattn.sites import (
     ChannelSite, SpatialSite, attend, current_recorder, default_scale, record_extras, record_site,
 )
@@ -103,7 +104,7 @@ class SpatialSelfAttention2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         n = self.norm(x)  # (B, C, H, W)
-        if self.pos_encoding == "sinusoidal":
+        if self.pos_encoding == "sinusoidal" and sinusoidal_on():  # off only inside positions_off
             qk_in = n + sinusoidal_2d(c, h, w).to(n)
         elif self.pos_encoding == "learned":
             qk_in = n + self.pos_embed
