@@ -153,34 +153,30 @@ def current_recorder() -> Recorder | None:
     """The recorder of the capture running in this thread, or ``None``."""
     return _RECORDER.get()
 
+
 @contextlib.contextmanager
-def recording(rec: Recorder) -> Iterator[Recorder]:
+def _set(var: contextvars.ContextVar, value) -> Iterator:
+    """``var`` set to ``value`` in this thread inside the ``with`` block."""
+    token = var.set(value)
+    try:
+        yield value
+    finally:
+        var.reset(token)
+
+
+def recording(rec: Recorder) -> contextlib.AbstractContextManager[Recorder]:
     """Make ``rec`` this thread's recorder inside the ``with`` block."""
-    token = _RECORDER.set(rec)
-    try:
-        yield rec
-    finally:
-        _RECORDER.reset(token)
+    return _set(_RECORDER, rec)
 
 
-@contextlib.contextmanager
-def edited(edit: HeadEdit) -> Iterator[None]:
+def edited(edit: HeadEdit) -> contextlib.AbstractContextManager[HeadEdit]:
     """Make ``edit`` this thread's head-output edit inside the ``with`` block."""
-    token = _EDIT.set(edit)
-    try:
-        yield
-    finally:
-        _EDIT.reset(token)
+    return _set(_EDIT, edit)
 
 
-@contextlib.contextmanager
-def rescaled(rescale: ScaleEdit) -> Iterator[None]:
+def rescaled(rescale: ScaleEdit) -> contextlib.AbstractContextManager[ScaleEdit]:
     """Make ``rescale`` this thread's logit-scale edit inside the ``with`` block."""
-    token = _RESCALE.set(rescale)
-    try:
-        yield
-    finally:
-        _RESCALE.reset(token)
+    return _set(_RESCALE, rescale)
 
 
 def current_rescale() -> ScaleEdit | None:
