@@ -117,8 +117,7 @@ def main() -> None:
                     st.caption("slow for this model: use the button above")
                     continue
                 if e is None:
-                    st.info("Not available for this model" + (": it has no self-attention layers."
-                                                              if not analysis.trace.attention else "."))
+                    st.info(evaluation.not_available(model, analysis.tensor, name, bool(analysis.trace.attention)))
                     continue
                 st.image(figures.overlay_view(analysis, maps.normalise(e.map), alpha, cmap, whole), width="stretch")
                 layer_note = f" · layer {cam_layer}" if name == "grad_cam" else ""

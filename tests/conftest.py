@@ -1,10 +1,13 @@
 """Shared fixtures: small configs so every registered model runs fast on CPU."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from visattn import paths
 
@@ -41,3 +44,25 @@ def one_thread():
 
 def needs_data() -> pytest.MarkDecorator:
     return pytest.mark.skipif(not (DATA / "test").is_dir(), reason=f"CIFAR-10 not found at {DATA}")
+
+
+@pytest.fixture
+def shown(monkeypatch: pytest.MonkeyPatch):
+    """``shown(image_element) -> (H, W, 3) uint8``: the picture a page sent, read back from
+    AppTest's in-memory media store."""
+    from streamlit.testing.v1 import app_test
+
+    stores = []
+
+    class Keeping(app_test.MemoryMediaFileStorage):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            stores.append(self)
+
+    monkeypatch.setattr(app_test, "MemoryMediaFileStorage", Keeping)
+
+    def read(element) -> np.ndarray:
+        name = element.proto.imgs[0].url.rsplit("/", 1)[1]
+        return np.asarray(Image.open(io.BytesIO(stores[-1].get_file(name).content)).convert("RGB"))
+
+    return read

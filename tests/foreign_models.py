@@ -44,6 +44,23 @@ def tiny_hf(family: str, **extra: Any) -> nn.Module:
     raise KeyError(family)
 
 
+def lively(model: nn.Module) -> nn.Module:
+    """``model`` with weights drawn at scale 1/√fan-in, biases, norms and tokens perturbed:
+    the libraries' initialisations (std 0.02, exact zeros for CLS, distillation and register
+    tokens and positions) make near-uniform attention and relevance near zero, too weak to test."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.dim() >= 2 and "token" not in name and "pos" not in name:
+                p.copy_(noise / p[0].numel() ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            else:
+                p.copy_(0.5 * noise if "token" in name or "pos" in name else 0.1 * noise)
+    return model
+
+
 def tiny_torchvision() -> nn.Module:
     import torchvision
 

@@ -58,7 +58,7 @@ def _tiny(name: str, cls_token: bool = False) -> tuple[nn.Module, int]:
 def test_transformer_attribution_conserves_the_logit(name: str, cls_token: bool) -> None:
     model, side = _tiny(name, cls_token)
     x = torch.randn(3, 3, side, side)
-    spec = _as_transformer(model)
+    spec = _as_transformer(model, (side, side))
     with torch.no_grad():  # the re-run blocks are the model's own: same logits, plain or with LRP rules
         logits = model(x)
         for lrp in (False, True):

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.foreign_models import HF_FAMILIES, SIDE, TIMM_BASE, TINY_TIMM, tiny_hf, tiny_timm
-from tests.test_dashboard import app, errors, problems
+from tests.foreign_models import HF_FAMILIES, SIDE, TIMM_BASE, TINY_TIMM, lively, tiny_hf, tiny_timm
+from tests.test_dashboard import app, errors, problems, sample_photo, upload
 from tests.test_sources import COMMIT, Boom, hub_cache, same_attention
 
 pytest.importorskip("timm")
@@ -146,7 +147,6 @@ def test_public_mode_offers_no_server_path_and_no_hub(monkeypatch: pytest.Monkey
 def test_swin_layers_are_named_in_one_line_on_the_pages(tmp_path):
     """A Hugging Face Swin opened by path: its windowed attention is refused, and Explore and
     Learn say so in one warning line naming every layer (not "no attention layers")."""
-    from tests.test_dashboard import sample_photo, upload
 
     tiny_hf("swin").save_pretrained(tmp_path / "swin")
     layers = "model.swin.encoder.layers.0.blocks.0.attention, model.swin.encoder.layers.1.blocks.0.attention"
@@ -160,3 +160,30 @@ def test_swin_layers_are_named_in_one_line_on_the_pages(tmp_path):
         assert [w.value for w in at.warning] == [f"not captured: {layers} (windowed attention: Swin windows are not "
                                                  "placed on the image)"]
         assert any(i.value.startswith("No attention layer of this model could be captured") for i in at.info)
+
+
+def test_compare_draws_transformer_relevance_of_a_hugging_face_model(tmp_path, shown):
+    """A DINOv2 with registers (its head reads CLS and the mean of the patches) opened by
+    path: Compare draws GAE and transformer attribution, each the library's map, and says
+    "not available" for nothing."""
+    from visattn import inference, maps
+    from visattn.app import evaluation, figures
+    from visattn.explain import METHODS
+
+    lively(tiny_hf("dinov2_registers")).save_pretrained(tmp_path / "hf")
+    at = app("compare")
+    at.session_state["model_source"], at.session_state["image_source"] = "Path on the server", "Upload an image"
+    at.run()
+    at.text_input(key="checkpoint_path").set_value(str(tmp_path / "hf")).run(timeout=120)
+    name, photo = sample_photo()
+    upload(at, name, photo, key="compare_upload")
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    assert [i.value for i in at.info if "Not available" in i.value] == []
+    handle = at.session_state["model_handle"]
+    analysis = inference.analyse(handle.model, handle.meta, photo)
+    drawn = [shown(i) for i in at.image if not (i.proto.imgs[0].caption or "").startswith("what the model sees")]
+    for method in ("gae", "transformer_attribution"):
+        e = evaluation.explain_one(handle.model, analysis.tensor, method, analysis.predicted)
+        assert e is not None and float(e.map.max()) > float(e.map.min())
+        expected = figures.overlay_view(analysis, maps.normalise(e.map), 0.5, "inferno")
+        assert np.abs(drawn[list(METHODS).index(method)].astype(int) - expected).mean() < 4  # JPEG

@@ -12,21 +12,24 @@ in the authors' code). R_A comes from a re-run of the transformer blocks with LR
 modified gradients: z⁺ (α=1, β=0) on linear layers, identity through LayerNorm, GELU and
 softmax, half to each side of the attention products, LRP-0 on residual adds (the paper
 rescales the two branches of an add; nothing else differs). It needs the block structure, so
-it is defined for pre-norm transformer families it knows (hybrid_vit, torchvision ViTs);
-elsewhere it returns None. Its relevance is conserved: the relevance reaching the first
+it is defined for the pre-norm transformer families it knows: hybrid_vit, torchvision ViTs,
+timm ViTs (DeiT distilled, registers, q/k norm, LayerScale; token or average pooling) and
+Hugging Face ViT, DeiT and DINOv2 (with registers) classifiers; elsewhere it returns None and
+:func:`unsupported` says why. Its relevance is conserved: the relevance reaching the first
 block's input tokens sums to the target logit (:attr:`TokenRelevance.conservation`).
 
-Readout: the row of the prefix (CLS) token. Models without one (hybrid_vit pools its tokens)
-read the rows weighted by each final token's own relevance: (∇context ⊙ context)⁺ of the last
-attention layer's output for ``gae``, the LRP relevance of the final tokens for
-``transformer_attribution``; for a CLS model both weightings are the CLS row itself.
+Readout: the rows weighted by each final token's own relevance for the target: (∇context ⊙
+context)⁺ of the last attention layer's output for ``gae``, the LRP relevance of the final
+tokens for ``transformer_attribution``. For a model that reads its CLS token alone this is
+the CLS row; a distilled DeiT mixes its CLS and distillation rows, a pooled model (hybrid_vit,
+DINOv2's CLS + mean head) its tokens' rows. Where no token has positive relevance: the CLS
+row, or the mean row without a prefix.
 
 Nothing is attached to the model; no parameter ``.grad`` is written (``torch.autograd.grad``
 with respect to the activations only); train/eval mode is left as it is.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,13 +69,16 @@ def _targets(logits: Tensor, targets: Tensor | list[int] | int | None) -> Tensor
 
 
 def _readout(joint: Tensor, weights: Tensor | None, prefix: int) -> Tensor:
-    """(B, N, N) joint relevance -> (B, N): the CLS row, else rows weighted by ``weights`` (B, N)."""
-    if prefix > 0 or weights is None:
-        return joint[:, 0] if prefix > 0 else joint.mean(1)
+    """(B, N, N) joint relevance -> (B, N): rows weighted by ``weights`` (B, N), the final
+    tokens' relevance (its positive part); the CLS row (mean row without a prefix) where none
+    is positive or no weights are given."""
+    fallback = joint[:, 0] if prefix > 0 else joint.mean(1)
+    if weights is None:
+        return fallback
     w = weights.clamp(min=0)
     total = w.sum(1, keepdim=True)
-    w = torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), torch.full_like(w, 1 / w.shape[1]))
-    return torch.einsum("bi,bij->bj", w, joint)
+    weighted = torch.einsum("bi,bij->bj", w / total.clamp_min(torch.finfo(w.dtype).tiny), joint)
+    return torch.where(total > 0, weighted, fallback)
 
 
 def gae(model: nn.Module, images: Tensor, targets: Tensor | list[int] | int | None = None) -> TokenRelevance | None:
@@ -153,27 +159,46 @@ class _Ops:
 
 @dataclass
 class _Block:
-    """The parts of one pre-norm transformer block: x + attn(norm1 x), then + mlp(norm2 x)."""
+    """The parts of one pre-norm transformer block: x + ls1(attn(norm1 x)), then + ls2(mlp(norm2 x)).
+    Optional parts (timm / Hugging Face variants): q/k norms, a norm before the output
+    projection, one inside the MLP, LayerScale. Norms take the identity rule; LayerScale is
+    elementwise and linear, so relevance passes it unchanged with the plain gradient."""
 
     norm1: nn.Module
     qkv: tuple[Tensor, Tensor | None]
     heads: int
+    scale: float
     proj: nn.Linear
     norm2: nn.Module
     fc1: nn.Linear
     act: nn.Module
     fc2: nn.Linear
+    q_norm: nn.Module | None = None
+    k_norm: nn.Module | None = None
+    attn_norm: nn.Module | None = None
+    mlp_norm: nn.Module | None = None
+    ls1: nn.Module | None = None
+    ls2: nn.Module | None = None
 
     def forward(self, x: Tensor, ops: _Ops, weights: list[Tensor]) -> Tensor:
-        b, n, c = x.shape
+        b, n, _ = x.shape
         h = ops.identity_rule(self.norm1, x)
-        q, k, v = ops.linear(h, self.qkv).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        s = ops.product(q / math.sqrt(c // self.heads), k.transpose(-2, -1))  # (B, h, N, N)
+        q, k, v = ops.linear(h, self.qkv).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        if self.q_norm is not None:
+            q, k = ops.identity_rule(self.q_norm, q), ops.identity_rule(self.k_norm, k)
+        s = ops.product(q * self.scale, k.transpose(-2, -1))  # (B, h, N, N)
         a = ops.identity_rule(lambda t: t.softmax(-1), s)
         weights.append(a)
-        x = x + ops.linear(ops.product(a, v).transpose(1, 2).reshape(b, n, c), self.proj)
-        y = ops.linear(ops.identity_rule(self.act, ops.linear(ops.identity_rule(self.norm2, x), self.fc1)), self.fc2)
-        return x + y
+        context = ops.product(a, v).transpose(1, 2).reshape(b, n, -1)
+        if self.attn_norm is not None:
+            context = ops.identity_rule(self.attn_norm, context)
+        y = ops.linear(context, self.proj)
+        x = x + (y if self.ls1 is None else self.ls1(y))
+        h = ops.identity_rule(self.act, ops.linear(ops.identity_rule(self.norm2, x), self.fc1))
+        if self.mlp_norm is not None:
+            h = ops.identity_rule(self.mlp_norm, h)
+        y = ops.linear(h, self.fc2)
+        return x + (y if self.ls2 is None else self.ls2(y))
 
 
 @dataclass
@@ -196,8 +221,8 @@ class _Transformer:
 
 
 def _hybrid(model: nn.Module) -> _Transformer:
-    blocks = [_Block(b.norm1, (b.attn.qkv.weight, b.attn.qkv.bias), b.attn.heads, b.attn.proj,
-                     b.norm2, b.mlp[0], b.mlp[1], b.mlp[2]) for b in model.blocks]
+    blocks = [_Block(b.norm1, (b.attn.qkv.weight, b.attn.qkv.bias), b.attn.heads, (b.attn.proj.in_features
+                     // b.attn.heads) ** -0.5, b.attn.proj, b.norm2, b.mlp[0], b.mlp[1], b.mlp[2]) for b in model.blocks]
 
     def embed(images: Tensor) -> Tensor:
         t = model.tokenizer(images).flatten(2).transpose(1, 2)
@@ -213,8 +238,11 @@ def _hybrid(model: nn.Module) -> _Transformer:
 
 
 def _torchvision_vit(model: nn.Module) -> _Transformer:
-    blocks = [_Block(b.ln_1, (b.self_attention.in_proj_weight, b.self_attention.in_proj_bias), b.self_attention.num_heads,
-                     b.self_attention.out_proj, b.ln_2, b.mlp[0], b.mlp[1], b.mlp[3]) for b in model.encoder.layers]
+    blocks = []
+    for b in model.encoder.layers:
+        sa = b.self_attention
+        blocks.append(_Block(b.ln_1, (sa.in_proj_weight, sa.in_proj_bias), sa.num_heads, sa.head_dim ** -0.5,
+                             sa.out_proj, b.ln_2, b.mlp[0], b.mlp[1], b.mlp[3]))
 
     def embed(images: Tensor) -> Tensor:
         t = model._process_input(images)
@@ -230,16 +258,133 @@ def _torchvision_vit(model: nn.Module) -> _Transformer:
     return _Transformer(embed, blocks, model.encoder.ln, readout, (side, side), 1)
 
 
-def _as_transformer(model: nn.Module) -> _Transformer | None:
+def _unless_identity(m: nn.Module) -> nn.Module | None:
+    return None if isinstance(m, nn.Identity) else m
+
+
+def _timm_vit(model: nn.Module, hw: tuple[int, int]) -> _Transformer | str:
+    """timm's VisionTransformer (and DeiT's distilled one): token or average pooling, plain
+    blocks with timm's Attention and Mlp (q/k norm, scale norms, LayerScale allowed)."""
+    from timm.layers import Mlp
+    from timm.layers.attention import Attention
+    from timm.models.vision_transformer import Block
+
+    from visattn.tokens import token_layout
+
+    distilled = getattr(model, "dist_token", None) is not None
+    if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg") and not distilled:
+        return f"its head pools with {model.global_pool!r}; transformer attribution reads a CLS token or an average"
+    if not isinstance(model.head, nn.Linear):
+        return "it has no linear classifier head"
+    blocks = []
+    for b in model.blocks:
+        if type(b) is not Block:
+            return f"its blocks are {type(b).__name__}, not the pre-norm ViT block whose LRP rules are written here"
+        if type(b.attn) is not Attention or getattr(b.attn, "gate", None) is not None:
+            return f"its attention ({type(b.attn).__name__}, gated or not timm's plain one) has no LRP rule here"
+        if type(b.mlp) is not Mlp:
+            return f"its MLP is {type(b.mlp).__name__}: gated MLPs have no LRP rule here"
+        a = b.attn
+        blocks.append(_Block(b.norm1, (a.qkv.weight, a.qkv.bias), a.num_heads, a.scale, a.proj, b.norm2, b.mlp.fc1,
+                             b.mlp.act, b.mlp.fc2, _unless_identity(a.q_norm), _unless_identity(a.k_norm),
+                             _unless_identity(a.norm), _unless_identity(b.mlp.norm), _unless_identity(b.ls1),
+                             _unless_identity(b.ls2)))
+    layout = token_layout(model, hw)
+
+    def embed(images: Tensor) -> Tensor:
+        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+
+    def readout(t: Tensor, ops: _Ops) -> Tensor:
+        if distilled:  # the eval-mode average of the two heads
+            return (ops.linear(t[:, 0], model.head) + ops.linear(t[:, 1], model.head_dist)) / 2
+        z = t[:, 0] if model.global_pool == "token" else t[:, 0 if model.pool_include_prefix else layout.prefix:].mean(1)
+        if not isinstance(model.fc_norm, nn.Identity):
+            z = ops.identity_rule(model.fc_norm, z)
+        return ops.linear(z, model.head)
+
+    return _Transformer(embed, blocks, model.norm, readout, layout.grid, layout.prefix)
+
+
+_HF_HEADS = {  # Hugging Face classifier -> (its backbone's attribute, how the head reads the tokens)
+    "ViTForImageClassification": ("vit", "cls"),
+    "DeiTForImageClassification": ("deit", "cls"),
+    "DeiTForImageClassificationWithTeacher": ("deit", "distilled"),
+    "Dinov2ForImageClassification": ("dinov2", "cls_and_mean"),
+    "Dinov2WithRegistersForImageClassification": ("dinov2_with_registers", "cls_and_mean"),
+}
+
+
+def _hf_vit(hf: nn.Module, hw: tuple[int, int]) -> _Transformer | str:
+    """Hugging Face ViT, DeiT (with or without the teacher head) and DINOv2 (with or
+    without registers) image classifiers."""
+    from visattn.tokens import token_layout
+
+    kind = _HF_HEADS.get(type(hf).__name__)
+    if kind is None:
+        return f"{type(hf).__name__} is not one of the Hugging Face classifiers it knows ({', '.join(_HF_HEADS)})"
+    base = getattr(hf, kind[0])
+    layers = base.layers if hasattr(base, "layers") else base.encoder.layer
+    blocks = []
+    for layer in layers:
+        a, mlp = layer.attention, layer.mlp
+        if not all(hasattr(mlp, n) for n in ("fc1", "fc2", "activation_fn")):
+            return f"its MLP is {type(mlp).__name__}: gated MLPs have no LRP rule here"
+        with torch.no_grad():  # the three projections as one, like timm's and torchvision's
+            w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+            b = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+        norm1, norm2 = (layer.norm1, layer.norm2) if hasattr(layer, "norm1") else (layer.layernorm_before,
+                                                                                  layer.layernorm_after)
+        blocks.append(_Block(norm1, (w, b), a.q_proj.out_features // a.head_dim, a.scaling, a.o_proj, norm2, mlp.fc1,
+                             mlp.activation_fn, mlp.fc2, ls1=getattr(layer, "layer_scale1", None),
+                             ls2=getattr(layer, "layer_scale2", None)))
+    layout = token_layout(base, hw)
+
+    def readout(t: Tensor, ops: _Ops) -> Tensor:
+        if kind[1] == "distilled":  # the average of the two heads, as at inference
+            return (ops.linear(t[:, 0], hf.cls_classifier) + ops.linear(t[:, 1], hf.distillation_classifier)) / 2
+        if kind[1] == "cls_and_mean":
+            return ops.linear(torch.cat([t[:, 0], t[:, layout.prefix:].mean(1)], 1), hf.classifier)
+        return ops.linear(t[:, 0], hf.classifier)
+
+    return _Transformer(lambda images: base.embeddings(images), blocks, base.layernorm, readout, layout.grid,
+                        layout.prefix)
+
+
+def _as_transformer(model: nn.Module, hw: tuple[int, int]) -> _Transformer | str:
+    """The model's blocks for transformer attribution (``hw``: the input's height and
+    width), or the reason it does not apply."""
     from torchvision.models.vision_transformer import VisionTransformer
 
     from visattn.models.hybrid_vit import HybridViT
+    from visattn.sources import HFClassifier
 
     if isinstance(model, HybridViT):
         return _hybrid(model)
     if isinstance(model, VisionTransformer):
         return _torchvision_vit(model)
-    return None
+    if isinstance(model, HFClassifier):
+        return _hf_vit(model.model, hw)
+    if type(model).__module__.startswith("timm."):
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+        if isinstance(model, TimmViT):
+            return _timm_vit(model, hw)
+    return ("it is not a transformer whose blocks the LRP rules know (hybrid_vit, torchvision, timm and Hugging "
+            "Face ViTs)")
+
+
+def unsupported(model: nn.Module, hw: tuple[int, int]) -> str | None:
+    """Why :func:`transformer_attribution` does not apply to ``model`` at input size ``hw``;
+    None when it does.
+
+    >>> from visattn import create_model
+    >>> unsupported(create_model("hybrid_vit"), (32, 32)) is None
+    True
+    >>> unsupported(create_model("sa_cnn"), (32, 32))
+    'it is not a transformer whose blocks the LRP rules know (hybrid_vit, torchvision, timm and Hugging Face ViTs)'
+    """
+    spec = _as_transformer(model, hw)
+    return spec if isinstance(spec, str) else None
 
 
 def transformer_attribution(model: nn.Module, images: Tensor,
@@ -253,8 +398,8 @@ def transformer_attribution(model: nn.Module, images: Tensor,
     >>> r.maps().shape, bool((r.conservation < 0.01).all())
     ((2, 8, 8), True)
     """
-    spec = _as_transformer(model)
-    if spec is None:
+    spec = _as_transformer(model, tuple(images.shape[-2:]))
+    if isinstance(spec, str):
         return None
     with torch.no_grad():
         x0 = spec.embed(images.detach())

@@ -106,6 +106,21 @@ def explain_one(model: nn.Module, tensor: torch.Tensor, method: str, target: int
     return row(model, tensor, target, layer=layer) if row.takes_layer else row(model, tensor, target)
 
 
+def not_available(model: nn.Module, tensor: torch.Tensor, method: str, has_attention: bool) -> str:
+    """The page's line for a method that gave no map on this model.
+
+    >>> from visattn import create_model
+    >>> not_available(create_model("sa_cnn"), torch.zeros(1, 3, 32, 32), "transformer_attribution", True)[:53]
+    'Not available for this model: it is not a transformer'
+    """
+    from visattn.relevance import unsupported
+
+    reason = None if has_attention else "it has no self-attention layers"
+    if reason is None and method == "transformer_attribution":
+        reason = unsupported(model, tuple(tensor.shape[-2:]))
+    return "Not available for this model" + (f": {reason}." if reason else ".")
+
+
 def sanity(model: nn.Module, tensor: torch.Tensor, target: int, method: str,
            layer: str | None = None) -> tuple[list[tuple[str, float]], bool]:
     """Cascading randomisation check of one method (``visattn.faithfulness.sanity_check``):
