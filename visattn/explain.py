@@ -291,7 +291,8 @@ def gae(model: nn.Module, images: Tensor, target: Targets = None) -> Explanation
 def transformer_attribution(model: nn.Module, images: Tensor, target: Targets = None) -> Explanation | None:
     """Transformer attribution, LRP-weighted (Chefer et al., CVPR 2021):
     :func:`visattn.relevance.transformer_attribution`, upsampled. None for models whose
-    transformer blocks it does not know (hybrid_vit and torchvision ViTs are known).
+    transformer blocks it does not know (hybrid_vit, torchvision, timm and Hugging Face ViTs
+    are known; :func:`visattn.relevance.unsupported` says why not).
 
     >>> from visattn import create_model
     >>> transformer_attribution(create_model("hybrid_vit").eval(), torch.rand(1, 3, 32, 32)).map.shape
