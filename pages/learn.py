@@ -4,9 +4,12 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from pages import _controls as controls, _pickers as pickers
+from pages import _controls as controls, _pickers as pickers, _state as state
+from visattn import plotting
 from visattn.app import figures, views
-from visattn.app.lesson import key_name, lesson, next_layer
+from visattn.app.lesson import SCALES, breaks_line, key_name, lesson, next_layer, positions_text
+from visattn.breaking import broken
+from visattn.positions import position_encodings
 
 SHOWN = 8  # numbers of each vector shown
 
@@ -29,6 +32,67 @@ def heatmap_beside(les, values: np.ndarray, title: str, colorbar: str, fmt: str,
         controls.show_fig(figures.heatmap_figure(les.to_grid(values), title, colorbar, les.cell, st.session_state["cmap"],
                                                  height=480, text=True, fmt=fmt), key=key)
     return right
+
+
+def broken_trace(handle, choice, analysis, scale: float, sqrt_d: bool, positions: bool,
+                 heads: dict[str, list[int]]):
+    """The model's capture on this image with those breaks (kept in the analyses' byte-bounded cache)."""
+    key = (handle.key, choice.sha, "broken", scale, sqrt_d, positions, tuple(sorted((k, tuple(v)) for k, v in heads.items())))
+    x = analysis.tensor.to(next(handle.model.parameters()).device)
+    return pickers.analyses().get(key, lambda: broken(handle.model, x, scale=scale, sqrt_d=sqrt_d,
+                                                      positions=positions, heads=heads),
+                                  size=lambda t: t.nbytes)
+
+
+def break_it(handle, choice, analysis, les, layer: str) -> None:
+    """Step 6: the real model run again with its attention broken, beside the unbroken one."""
+    st.header("Step 6 · Break it: what does each part do for the prediction?")
+    big("Now change one part of attention and run the <b>real model</b> again on your image: the prediction and "
+        f"the attention of your position (layer <b>{layer}</b>, head <b>{les.head}</b>) are shown beside the "
+        "unbroken model's.")
+    c1, c2, c3 = st.columns(3, gap="large")
+    with c1:
+        scale = st.select_slider("Multiply the scores by", SCALES, value=1.0, format_func=lambda v: f"×{v:g}",
+                                 key="break_scale", help="The scores go to the softmax multiplied by this factor: "
+                                 "larger makes the weights sharper (the softmax temperature is 1 / factor), "
+                                 "smaller makes them flatter.")
+        sqrt_d = not st.checkbox("Do not divide by √d_k", key="break_sqrt_d",
+                                 help="Dot-product layers only; a cosine layer keeps its learned temperature.")
+    found = position_encodings(handle.model)
+    with c2:
+        positions = not st.toggle("Position encoding off", key="break_positions")
+        st.caption(positions_text(found, handle.meta.get("model", "This model")))
+    options = [(name, h) for name, site in analysis.trace.attention.items() for h in range(site.heads)]
+    with c3:
+        off = st.multiselect("Remove heads", options, format_func=lambda o: f"{o[0]} · head {o[1]}",
+                             key=f"break_heads_{handle.key}", help="Their output (weights @ V) becomes zero.")
+    heads = views.head_spec(off)
+    what = breaks_line(scale, sqrt_d, positions, heads)
+    if not what:
+        st.caption("Nothing is broken yet: move the slider, switch the positions off or remove a head.")
+        return
+    with state.guard("the broken model"), st.spinner("Running the broken model…"):
+        trace = broken_trace(handle, choice, analysis, scale, sqrt_d, positions, heads)
+        probs = trace.logits[0].float().softmax(-1).cpu().numpy()
+        k = min(5, len(analysis.classes))
+        row = les.to_grid(trace.attention[layer].row(0, les.token)[les.head].float().cpu().numpy())
+        unbroken = les.to_grid(les.layer_weights)
+        top = max(float(row.max()), float(unbroken.max()))
+        before, after = analysis.classes[analysis.predicted], analysis.classes[int(probs.argmax())]
+        big(f"Prediction: <b>{before}</b> ({analysis.probs.max():.1%}) → <b>{after}</b> ({probs.max():.1%})"
+            + (" — changed!" if before != after else "") + f" &nbsp; <small>({what})</small>")
+        left, right = st.columns(2)
+        for column, side, p, title, weights in ((left, "before", analysis.probs, "unbroken", unbroken),
+                                                (right, "after", probs, what, row)):
+            with column:
+                fig = plotting.topk_bar_figure(analysis.classes, p, k=k)
+                fig.update_layout(title=f"top-{k}, {title}")
+                controls.show_fig(fig, key=f"break_topk_{side}")
+                controls.show_fig(figures.heatmap_figure(weights, f"attention weights, {title}", "weight", les.cell,
+                                                         st.session_state["cmap"], height=400, zmin=0.0, zmax=top),
+                                  key=f"break_map_{side}")
+        st.caption(f"Largest weight of your position: {unbroken.max():.3f} unbroken, {row.max():.3f} broken "
+                   "(one colour scale for both maps).")
 
 
 def main() -> None:
@@ -169,6 +233,7 @@ def main() -> None:
                                                  les.cell, st.session_state["cmap"], height=440), key="learn_cos")
     st.latex(r"q \cdot k = \sum_i q_i k_i \qquad\qquad \cos(q, k) = \frac{q \cdot k}{\lVert q \rVert\,\lVert k \rVert}")
 
+    break_it(handle, choice, analysis, les, layer)
 
 
 if __name__ == "__main__":  # a fresh server's first request for /learn (see pages/__init__.py)

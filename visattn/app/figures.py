@@ -18,11 +18,13 @@ FONT = 16  # readable on a projector
 
 
 def heatmap_figure(m: np.ndarray, title: str, colorbar: str, cell: tuple[int, int] | None = None,
-                   cmap: str = "inferno", height: int = 420, text: bool = False, fmt: str = ".2f"):
+                   cmap: str = "inferno", height: int = 420, text: bool = False, fmt: str = ".2f",
+                   zmin: float | None = None, zmax: float | None = None):
     """One (H, W) map as a square plotly heatmap with a titled colour bar; ``cell``
-    (row, col) is marked with a cyan x; ``text`` writes each value in its cell."""
+    (row, col) is marked with a cyan x; ``text`` writes each value in its cell; ``zmin``,
+    ``zmax`` fix the colour range (to compare two maps), else it is the map's own."""
     m = np.asarray(m, dtype=np.float64)
-    hm = go.Heatmap(z=m, colorscale=plotting.plotly_scale(cmap),
+    hm = go.Heatmap(z=m, colorscale=plotting.plotly_scale(cmap), zmin=zmin, zmax=zmax,
                     colorbar={"title": {"text": colorbar, "side": "right"}},
                     hovertemplate="row %{y}, col %{x}: %{z:" + fmt + "}<extra></extra>")
     if text and m.size <= 256:

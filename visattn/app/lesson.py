@@ -1,5 +1,6 @@
 """The Learn page's five steps: one head's attention step recomputed from the recorded
-Q, K and V of one query token, each step checked against what the layer did."""
+Q, K and V of one query token, each step checked against what the layer did; and the words
+of its sixth, "break it" (:func:`visattn.breaking.broken`)."""
 from __future__ import annotations
 
 import math
@@ -12,6 +13,7 @@ from torch.nn import functional as F
 
 from visattn.app.views import token_cell
 from visattn.errors import VisattnError
+from visattn.positions import PositionEncoding
 from visattn.sites import AttentionSite
 from visattn.tracing import Trace
 
@@ -130,3 +132,44 @@ def next_layer(trace: Trace, layer: str) -> str | None:
     i = names.index(layer) if layer in names else -1
     return names[i + 1] if 0 <= i < len(names) - 1 else None
 
+
+
+#: The "break it" step's scale factors (a log-spaced slider).
+SCALES = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 7.0, 10.0)
+
+
+def breaks_line(scale: float, sqrt_d: bool, positions: bool, heads: dict[str, list[int]]) -> str:
+    """What is broken, in words ("" when nothing is).
+
+    >>> breaks_line(5.0, False, False, {"blocks.0.attn": [1, 2]})
+    'scores ×5 without 1/√d_k · positions off · 2 heads removed'
+    >>> breaks_line(1.0, True, True, {})
+    ''
+    """
+    parts = []
+    if scale != 1.0 or not sqrt_d:
+        parts.append(f"scores ×{scale:g}" + ("" if sqrt_d else " without 1/√d_k"))
+    if not positions:
+        parts.append("positions off")
+    n = sum(len(h) for h in heads.values())
+    if n:
+        parts.append(f"{n} head{'s' if n > 1 else ''} removed")
+    return " · ".join(parts)
+
+
+def positions_text(found: list[PositionEncoding], model: str = "This model") -> str:
+    """What switching positions off means for this model, in one sentence.
+
+    >>> positions_text([])[:60]
+    'This model has no position encoding: it can tell where thing'
+    """
+    tables = [str(p) for p in found if p.switchable]
+    rotary = [p.name for p in found if not p.switchable]
+    if tables:
+        text = f"{model} has {', '.join(tables[:3])}{f' and {len(tables) - 3} more' if len(tables) > 3 else ''}: " \
+               "switched off, every table reads as zeros and no sinusoidal code is added."
+        return text + (f" Its rotary embeddings ({', '.join(rotary)}) stay on." if rotary else "")
+    if rotary:
+        return f"{model} turns Q and K by rotary embeddings ({', '.join(rotary)}), which cannot be switched off here."
+    return (f"{model} has no position encoding: it can tell where things are only through its convolutions "
+            "(their zero padding at the borders), so there is nothing to switch off.")
