@@ -122,6 +122,11 @@ def main() -> None:
                 st.image(figures.overlay_view(analysis, maps.normalise(e.map), alpha, cmap, whole), width="stretch")
                 layer_note = f" · layer {cam_layer}" if name == "grad_cam" else ""
                 st.caption(f"computed in {e.seconds:.2f} s{layer_note} · scaled from min (dark) to max (bright)")
+                if e.conservation is not None:
+                    st.caption(f"conservation |Σ relevance − logit| / |logit| = {float(e.conservation[0]):.2%}",
+                               help="The share of the explained logit that the relevance reaching the input does not add "
+                                    "up to: 0 for a fully conservative rule. For AttnLRP it is what the biases, the "
+                                    "class token and the position embedding keep.")
                 score_slots[name] = st.empty()
                 if checked and checked[0] == (handle.key, choice.sha, target_idx, name, layer_of.get(name)):
                     rho, suspicious = checked[1]

@@ -74,13 +74,13 @@ def test_explain_writes_overlays_and_raw_maps(ckpt: Path, tmp_path: Path, capsys
     assert main(["explain", str(ckpt), str(photo), "--out", str(tmp_path / "out")]) == 0
     out, err = capsys.readouterr()
     written = {Path(l).name for l in out.split()}
-    applies = set(explain.METHODS) - {"transformer_attribution"}  # no ViT blocks in sa_cnn
-    notes = set(err.splitlines()) - {"transformer_attribution: not available for this model"}
-    assert len(notes) == len(err.splitlines()) - 1
+    applies = set(explain.METHODS) - {"transformer_attribution", "attnlrp"}  # no ViT blocks in sa_cnn
+    notes = set(err.splitlines()) - {f"{m}: not available for this model" for m in ("transformer_attribution", "attnlrp")}
+    assert len(notes) == len(err.splitlines()) - 2
     flat = {n.split(":")[0] for n in notes if n.endswith(": the map is constant (nothing to draw, no PNG)")}
     assert len(flat) == len(notes) and flat < applies
     assert {"attention_layers_heads.png", "maps.npz", *(f"{m}.png" for m in applies - flat)} <= written
-    assert not {f"{m}.png" for m in {*flat, "transformer_attribution"}} & written
+    assert not {f"{m}.png" for m in {*flat, "transformer_attribution", "attnlrp"}} & written
     assert {f"stages_1_1_head{h}.png" for h in range(2)} <= written
     raw = np.load(tmp_path / "out" / "maps.npz")
     assert raw["attention/stages.1.1"].shape == (2, 8, 8)

@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from visattn import explain, layers
@@ -179,7 +180,7 @@ def test_grad_cam_on_a_vit_block_uses_the_grid_its_attention_site_records():
 def test_method_table_is_complete_and_callable(tiny):
     """One row per method: its name, a label, the function it calls, slow or not, whether it
     takes a layer (then it accepts ``layer=``), and whether it needs attention."""
-    assert list(explain.METHODS) == ["attention", "rollout", "gae", "transformer_attribution", "grad_cam",
+    assert list(explain.METHODS) == ["attention", "rollout", "gae", "transformer_attribution", "attnlrp", "grad_cam",
                                      "integrated_gradients", "saliency", "occlusion", "score_cam", "grad_cam_plus_plus",
                                      "xgrad_cam", "layer_cam", "hires_cam", "eigen_cam"]
     assert len({m.label for m in explain.METHODS.values()}) == len(explain.METHODS)
@@ -196,12 +197,19 @@ def test_method_table_is_complete_and_callable(tiny):
 BATCH_OPTIONS = {**FAST, "score_cam": {"layer": "stages.2"}}
 
 
+def tv_vit() -> nn.Module:
+    """A tiny torchvision ViT (AttnLRP's model) whose head is not torchvision's zeros."""
+    model = torchvision.models.VisionTransformer(SIDE, 8, 2, 2, 16, 32, num_classes=10).eval()
+    nn.init.normal_(model.heads.head.weight, generator=torch.Generator().manual_seed(0))
+    return model
+
+
 @pytest.mark.parametrize("name", list(explain.METHODS))
 def test_a_batch_gives_each_image_the_map_it_gets_alone(tiny, name):
     """Every method takes (B, 3, H, W) and returns B maps: image i's map and target are the
     ones it gets alone, with the predicted classes and with one given target per image."""
-    model = tiny if name != "transformer_attribution" else create_model(
-        "hybrid_vit", embed_dim=16, depth=2, heads=2).eval()
+    model = {"transformer_attribution": lambda: create_model("hybrid_vit", embed_dim=16, depth=2, heads=2).eval(),
+             "attnlrp": tv_vit}.get(name, lambda: tiny)()
     x, m = images(3, seed=7), explain.METHODS[name]
     options = BATCH_OPTIONS.get(name, {})
     for target in (None, [1, 4, 7]):

@@ -42,16 +42,16 @@ def photo() -> bytes:
     return buf.getvalue()
 
 
-def open_224(page: str, weights: bytes, photo_upload: bool = True):
-    """The dashboard on ``page`` with the 224-px model uploaded in the sidebar; in upload mode
-    when ``photo_upload`` (no test image and no other model is analysed on the way)."""
+def open_224(page: str, weights: bytes, photo_upload: bool = True, arch: str = ARCH, options: str = OPTIONS):
+    """The dashboard on ``page`` with the 224-px model ``arch`` uploaded in the sidebar; in
+    upload mode when ``photo_upload`` (no test image and no other model is analysed on the way)."""
     at = app(page)
     at.session_state["model_source"] = "Architecture + weights"
     if photo_upload:
         at.session_state["image_source"] = "Upload an image"
     at.run()
-    at.text_input(key="arch_name").set_value(ARCH)
-    at.text_input(key="arch_options").set_value(OPTIONS)
+    at.text_input(key="arch_name").set_value(arch)
+    at.text_input(key="arch_options").set_value(options)
     at.file_uploader(key="weights_upload").set_value(("vit224.safetensors", weights, "application/octet-stream"))
     at.run(timeout=TIMEOUT)
     assert not at.exception and not at.error, (problems(at), errors(at))
@@ -103,11 +103,55 @@ def test_compare_on_a_224_model(weights, photo, shown):
     assert cam.map.shape == (224, 224) and float(cam.map.max()) > 0  # the grid tokens' gradient is not zero
     drawn = [shown(i) for i in at.image if not (i.proto.imgs[0].caption or "").startswith("what the model sees")]
     assert len(drawn) >= 5 and all(d.shape == (PHOTO_WH[1], PHOTO_WH[0], 3) for d in drawn), [d.shape for d in drawn]
-    assert [i.value for i in at.info if "Not available" in i.value] == []
+    assert [i.value for i in at.info if "Not available" in i.value] == ["Not available for this model."]  # AttnLRP:
+    assert METHODS["attnlrp"](handle.model, analysis.tensor) is None  # lxt has no map for timm's ViT
     for name in ("gae", "transformer_attribution"):  # made for transformers: timm's ViT blocks are known
         e = evaluation.explain_one(handle.model, analysis.tensor, name, analysis.predicted)
         expected = figures.overlay_view(analysis, maps.normalise(e.map), 0.5, "inferno")
         assert np.abs(drawn[list(METHODS).index(name)].astype(int) - expected).mean() < 4  # JPEG
+
+
+def tiny_torchvision_vit(**options) -> "torch.nn.Module":
+    """torchvision's ViT class at 224 px, 2 blocks of width 32 (its ``vit_b_16`` builder fixes
+    the depth, so the test serves this one under that name); the head is not torchvision's zeros."""
+    import torch
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(options.get("image_size", 224), 16, num_layers=2, num_heads=2, hidden_dim=32,
+                              mlp_dim=64, num_classes=options.get("num_classes", 1000))
+    torch.nn.init.normal_(model.heads.head.weight, std=0.5)
+    return model
+
+
+def test_compare_shows_attnlrp_and_its_conservation_on_a_torchvision_vit(photo, shown, monkeypatch, tmp_path):
+    """A torchvision ViT through the sidebar (architecture + uploaded weights): Compare draws
+    AttnLRP's map (the library's, read back pixel by pixel) with its conservation figure
+    beside it, the library's own, and every relevance method applies."""
+    import torchvision
+
+    from visattn import attnlrp
+
+    built = torchvision.models.get_model
+    monkeypatch.setattr(torchvision.models, "get_model", lambda arch, **kw: tiny_torchvision_vit(
+        **{k: v for k, v in kw.items() if k != "weights"}) if arch == "vit_b_16" else built(arch, **kw))
+    save_file(tiny_torchvision_vit(num_classes=10).state_dict(), tmp_path / "tv.safetensors")
+    at = open_224("compare", (tmp_path / "tv.safetensors").read_bytes(), arch="torchvision:vit_b_16",
+                  options="num_classes=10")
+    at = with_photo(at, photo, "compare")
+    handle = at.session_state["model_handle"]
+    assert attnlrp.supports(handle.model)
+    analysis = inference.analyse(handle.model, handle.meta, photo)
+    e = evaluation.explain_one(handle.model, analysis.tensor, "attnlrp", analysis.predicted)
+    assert e is not None and float(e.map.max()) > 0
+    assert not [i.value for i in at.info if "Not available" in i.value]  # GAE, transformer attribution, AttnLRP
+    titles = [s.value for s in at.subheader]
+    assert METHODS["attnlrp"].label in titles
+    figure = f"conservation |Σ relevance − logit| / |logit| = {float(e.conservation[0]):.2%}"
+    assert figure in [c.value for c in at.caption], [c.value for c in at.caption if "conservation" in c.value]
+    drawn = [i for i in at.image if not (i.proto.imgs[0].caption or "").startswith("what the model sees")]
+    expected = figures.overlay_view(analysis, maps.normalise(e.map), 0.5, "inferno")
+    assert min(np.abs(shown(i).astype(int) - expected).mean() for i in drawn) < 4  # JPEG
 
 
 def test_learn_on_a_224_model(weights, photo):

@@ -1,7 +1,7 @@
 """Attribution maps beside the attention maps: Grad-CAM, integrated gradients, saliency,
 occlusion (captum), raw attention, rollout, the transformer relevance of
-:mod:`visattn.relevance` (GAE, transformer attribution) and the CAM family of
-:mod:`visattn.cams`. Each method takes a batch (B, 3, H, W) (or one image, (3, H, W)) and
+:mod:`visattn.relevance` (GAE, transformer attribution), AttnLRP through lxt
+(:mod:`visattn.attnlrp`) and the CAM family of :mod:`visattn.cams`. Each method takes a batch (B, 3, H, W) (or one image, (3, H, W)) and
 returns an :class:`Explanation`: B non-negative float32 (H, W) maps at input resolution, raw
 scale (``visattn.maps.normalise`` them for display); image i's map is the one it gets alone.
 
@@ -40,19 +40,21 @@ class Explanation:
     """Attribution maps of a batch: ``maps`` is (B, H, W) float32, non-negative, at input
     resolution; ``targets`` the class explained in each image; ``seconds`` for the whole batch.
     ``e[i]`` is image i's explanation; ``map`` and ``target`` read the only image of a
-    one-image explanation."""
+    one-image explanation. ``conservation``: for LRP methods, (B,) |Σ input relevance − logit| / |logit|."""
 
     name: str
     maps: np.ndarray
     targets: list[int]
     seconds: float
+    conservation: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.maps)
 
     def __getitem__(self, i: int) -> Explanation:
         i = range(len(self))[i]
-        return Explanation(self.name, self.maps[i : i + 1], self.targets[i : i + 1], self.seconds / len(self))
+        kept = None if self.conservation is None else self.conservation[i : i + 1]
+        return Explanation(self.name, self.maps[i : i + 1], self.targets[i : i + 1], self.seconds / len(self), kept)
 
     def _single(self) -> None:
         if len(self) != 1:
@@ -103,11 +105,12 @@ def _targets(model: nn.Module, x: Tensor, target: Targets) -> Tensor:
     return t.expand(len(x))
 
 
-def _explanation(name: str, attr: Tensor, targets: Tensor | list[int], t0: float) -> Explanation:
+def _explanation(name: str, attr: Tensor, targets: Tensor | list[int], t0: float,
+                 conservation: np.ndarray | None = None) -> Explanation:
     """Wrap a (B, H, W) tensor as finite, non-negative float32 maps."""
     m = torch.nan_to_num(attr.detach().float().clamp(min=0)).cpu().numpy().astype(np.float32)
     return Explanation(name=name, maps=m, targets=[int(t) for t in targets],
-                       seconds=max(time.perf_counter() - t0, 1e-9))
+                       seconds=max(time.perf_counter() - t0, 1e-9), conservation=conservation)
 
 
 def _gradient_method(name: str, model: nn.Module, images: Tensor, target: Targets,
@@ -267,14 +270,16 @@ def rollout(model: nn.Module, images: Tensor, target: Targets = None,
 
 
 def _relevance(name: str, model: nn.Module, images: Tensor, target: Targets) -> Explanation | None:
-    """A :mod:`visattn.relevance` method on a batch, its grid maps upsampled."""
-    from visattn import relevance
+    """A token-relevance method (:mod:`visattn.relevance`, :mod:`visattn.attnlrp`) on a
+    batch, its grid maps upsampled, its conservation figure kept."""
+    from visattn import attnlrp, relevance
 
+    fn = attnlrp.attnlrp if name == "attnlrp" else getattr(relevance, name)
     t0, x = time.perf_counter(), _prepare(model, images).detach()
-    r = getattr(relevance, name)(model, x, None if target is None else _targets(model, x, target))
+    r = fn(model, x, None if target is None else _targets(model, x, target))
     if r is None:
         return None
-    return _explanation(name, _upsampled(r.maps(), tuple(x.shape[-2:])), r.targets, t0)
+    return _explanation(name, _upsampled(r.maps(), tuple(x.shape[-2:])), r.targets, t0, r.conservation)
 
 
 def gae(model: nn.Module, images: Tensor, target: Targets = None) -> Explanation | None:
@@ -299,6 +304,20 @@ def transformer_attribution(model: nn.Module, images: Tensor, target: Targets = 
     (32, 32)
     """
     return _relevance("transformer_attribution", model, images, target)
+
+
+def attnlrp(model: nn.Module, images: Tensor, target: Targets = None) -> Explanation | None:
+    """AttnLRP through lxt (Achtibat et al., ICML 2024): :func:`visattn.attnlrp.attnlrp`,
+    patch relevance upsampled, ``conservation`` = |Σ relevance − logit| / |logit| per image.
+    None for a model lxt does not support (it supports torchvision ViTs).
+
+    >>> import torchvision
+    >>> vit = torchvision.models.VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=10).eval()
+    >>> e = attnlrp(vit, torch.rand(1, 3, 32, 32))
+    >>> e.map.shape, e.conservation.shape, attnlrp(create_model("hybrid_vit").eval(), torch.rand(1, 3, 32, 32))
+    ((32, 32), (1,), None)
+    """
+    return _relevance("attnlrp", model, images, target)
 
 
 @dataclass(frozen=True)
@@ -338,6 +357,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rollout", "Attention rollout", rollout, needs_attention=True),
     Method("gae", "GAE (gradient-weighted rollout)", gae, needs_attention=True),
     Method("transformer_attribution", "Transformer attribution", transformer_attribution, needs_attention=True),
+    Method("attnlrp", "AttnLRP (lxt)", attnlrp, needs_attention=True),
     Method("grad_cam", "Grad-CAM", grad_cam, takes_layer=True),
     Method("integrated_gradients", "Integrated gradients", integrated_gradients, slow=True),
     Method("saliency", "Saliency", saliency),

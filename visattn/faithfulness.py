@@ -232,7 +232,9 @@ def evaluate_methods(model: nn.Module, images: Tensor, targets: Tensor | list[in
     ("blur", "mean"); the top-level AUCs are the first baseline's. The same maps go to the
     other ``protocols`` (definitions in :mod:`visattn.perturbation`): "road" adds
     ``road_morf``, ``road_lerf``, ``road_combined``; "perturbation" adds ``positive_auc``
-    and ``negative_auc`` (accuracy against ``targets``, pixels set to ``fill``).
+    and ``negative_auc`` (accuracy against ``targets``, pixels set to ``fill``). An LRP
+    method (its explanation has a conservation figure) adds ``conservation``, the mean
+    over the images of |Σ input relevance − logit| / |logit|.
 
     Args:
         model: classifier. images: (B, 3, H, W). targets: (B,); None: predicted classes.
@@ -257,13 +259,14 @@ def evaluate_methods(model: nn.Module, images: Tensor, targets: Tensor | list[in
     targets = [int(t) for t in torch.as_tensor(targets).reshape(-1)]
     results = {}
     for name, map_of in _map_makers(model, images, methods).items():
-        maps, seconds = [], 0.0
+        maps, conservation, seconds = [], [], 0.0
         for start in range(0, len(targets), MAP_BATCH):
             t0 = time.perf_counter()
             m = map_of(slice(start, start + MAP_BATCH), targets[start : start + MAP_BATCH])
             if m is None:
                 break
-            maps.append(m)
+            maps.append(m[0])
+            conservation += [] if m[1] is None else [m[1]]
             seconds += time.perf_counter() - t0
         if sum(map(len, maps)) < len(targets):
             continue
@@ -273,6 +276,8 @@ def evaluate_methods(model: nn.Module, images: Tensor, targets: Tensor | list[in
             scores[b] = {"deletion_auc": float(r["deletion_auc"].mean()), "insertion_auc": float(r["insertion_auc"].mean())}
         results[name] = {**scores[baselines[0]], "seconds_per_image": seconds / len(targets), "baselines": scores,
                          **_other_protocols(model, images, stacked, targets, protocols, fill)}
+        if conservation:  # an LRP method: mean |Σ input relevance − logit| / |logit|
+            results[name]["conservation"] = float(np.concatenate(conservation).mean())
     return results
 
 
@@ -290,23 +295,26 @@ def _other_protocols(model: nn.Module, images: Tensor, maps: np.ndarray, targets
     return out
 
 
-def _map_makers(model: nn.Module, images: Tensor,
-                methods: tuple[str, ...]) -> dict[str, Callable[[slice, list[int]], np.ndarray | None]]:
-    """``{label: (image slice, targets) -> (B, H, W) maps or None}``; a method that takes an
-    attention layer ("attention") becomes one entry per layer ("attention (layer)") when
-    the model has more than one."""
+MapMaker = Callable[[slice, list[int]], tuple[np.ndarray, np.ndarray | None] | None]
+
+
+def _map_makers(model: nn.Module, images: Tensor, methods: tuple[str, ...]) -> dict[str, MapMaker]:
+    """``{label: (image slice, targets) -> ((B, H, W) maps, (B,) conservation or None), or
+    None when the method does not apply}``; a method that takes an attention layer
+    ("attention") becomes one entry per layer ("attention (layer)") when the model has
+    more than one."""
     from visattn.explain import METHODS, attention_layers
 
-    def of(method: Callable, **kw) -> Callable[[slice, list[int]], np.ndarray | None]:
-        def make(chunk: slice, targets: list[int]) -> np.ndarray | None:
+    def of(method: Callable, **kw) -> MapMaker:
+        def make(chunk: slice, targets: list[int]) -> tuple[np.ndarray, np.ndarray | None] | None:
             e = method(model, images[chunk], targets, **kw)
-            return None if e is None else e.maps
+            return None if e is None else (e.maps, e.conservation)
         return make
 
-    def random_maps(chunk: slice, _targets: list[int]) -> np.ndarray:
-        return np.stack([random_map(tuple(images.shape[-2:]), seed=i) for i in range(len(images))[chunk]])
+    def random_maps(chunk: slice, _targets: list[int]) -> tuple[np.ndarray, None]:
+        return np.stack([random_map(tuple(images.shape[-2:]), seed=i) for i in range(len(images))[chunk]]), None
 
-    makers: dict[str, Callable[[slice, list[int]], np.ndarray | None]] = {}
+    makers: dict[str, MapMaker] = {}
     for name in methods:
         if name == RANDOM:
             makers[name] = random_maps
@@ -332,7 +340,8 @@ _EXTRA_COLUMNS = {"road_morf": "ROAD MoRF ↓", "road_lerf": "ROAD LeRF ↑", "r
 
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     """The results of :func:`evaluate_methods` as a Markdown table, best insertion first;
-    one deletion and one insertion column per baseline.
+    one deletion and one insertion column per baseline; a conservation column (—: not an
+    LRP method) when an LRP method is in it.
 
     >>> print(markdown_table({"saliency": {"deletion_auc": 0.1, "insertion_auc": 0.6, "seconds_per_image": 0.01}}))
     | method | deletion AUC ↓ | insertion AUC ↑ | s / image |
@@ -344,11 +353,13 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     head = [f"deletion AUC ↓ ({b})" for b in names] + [f"insertion AUC ↑ ({b})" for b in names] if names else \
         ["deletion AUC ↓", "insertion AUC ↑"]
     extra = [k for k in _EXTRA_COLUMNS if k in first]
-    head += [_EXTRA_COLUMNS[k] for k in extra]
+    extra += ["conservation"] if any("conservation" in r for r in results.values()) else []
+    head += [_EXTRA_COLUMNS.get(k, "|ΣR − logit| / |logit|") for k in extra]
     lines = ["| method | " + " | ".join(head) + " | s / image |", "|---|" + "---:|" * (len(head) + 1)]
     for name, r in sorted(results.items(), key=lambda kv: -kv[1]["insertion_auc"]):
         cells = ([r["baselines"][b]["deletion_auc"] for b in names] + [r["baselines"][b]["insertion_auc"] for b in names]
                  if names else [r["deletion_auc"], r["insertion_auc"]])
-        cells += [r[k] for k in extra]
-        lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {r['seconds_per_image']:.3f} |")
+        cells += [r.get(k) for k in extra]
+        lines.append(f"| {name} | " + " | ".join("—" if c is None else f"{c:.3f}" for c in cells)
+                     + f" | {r['seconds_per_image']:.3f} |")
     return "\n".join(lines)

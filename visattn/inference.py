@@ -154,11 +154,12 @@ def write_explanation(model: nn.Module, meta: dict[str, Any], image: Source, out
     """PNG overlays of every layer and head, one overlay per explanation method
     (``visattn.explain.METHODS``, or those named in ``methods``; predicted class, each
     method's default layer) and an .npz of the raw maps (``attention/LAYER`` (heads, h, w),
-    ``explain/METHOD`` (H, W), ``channel/…``, ``spatial/…``, ``probs``).
+    ``explain/METHOD`` (H, W), ``conservation/METHOD`` (1,) for LRP methods, ``channel/…``,
+    ``spatial/…``, ``probs``).
 
     Everything is computed before the first file is written. Returns (files written, notes):
     a method that does not apply to the model, or whose map is constant (no PNG drawn for
-    it), gets a note instead.
+    it), gets a note instead; an LRP method's note gives its conservation figure.
     """
     from visattn import explain
     from visattn.plotting import figure_to_png, maps_to_npz, overlay, overlay_grid_figure
@@ -181,6 +182,9 @@ def write_explanation(model: nn.Module, meta: dict[str, Any], image: Source, out
             notes.append(f"{row.name}: not available for this model")
             continue
         raw[f"explain/{row.name}"] = e.map
+        if e.conservation is not None:
+            raw[f"conservation/{row.name}"] = e.conservation
+            notes.append(f"{row.name}: conservation |Σ relevance − logit| / |logit| = {float(e.conservation[0]):.2%}")
         if e.constant:
             notes.append(f"{row.name}: the map is constant (nothing to draw, no PNG)")
         else:
