@@ -255,6 +255,57 @@ def bench_heads() -> list[dict]:
     return rows
 
 
+def _alternating(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
+    """Median seconds of each function, called in turn ``repeat`` times after one warm-up each
+    (so that all of them see the same machine load)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench_break(repeat: int = 9) -> list[dict]:
+    """The Learn page's "break it" forward (``visattn.broken``) against a plain capture, on the
+    default model (each break) and on a ViT-B/16-sized timm model at 224 px (positions off by the
+    per-thread TorchFunctionMode, against the alternative it replaces: a deep copy of the model
+    with the table zeroed, per call)."""
+    import copy
+
+    import timm
+
+    from visattn.breaking import broken
+
+    model, _ = default_model()
+    x = torch.randn(1, 3, 32, 32)
+    layer = next(iter(capture(model, x).attention))
+    m = _alternating({"capture": lambda: capture(model, x), "scale": lambda: broken(model, x, scale=5.0),
+                      "positions": lambda: broken(model, x, positions=False),
+                      "head": lambda: broken(model, x, heads={layer: [0]})}, repeat=3 * repeat)
+    rows = [{"what": f"break it, default model: {what}", "baseline": "capture", "seconds": m[key],
+             "baseline_seconds": m["capture"], "ratio": m[key] / m["capture"], "target": "< 100 ms"}
+            for key, what in (("scale", "scores ×5"), ("positions", "positions off"), ("head", "one head removed"))]
+    vit, x = timm.create_model("vit_base_patch16_224", pretrained=False).eval(), torch.randn(1, 3, 224, 224)
+
+    def copied() -> None:
+        c = copy.deepcopy(vit)
+        with torch.no_grad():
+            c.pos_embed.zero_()
+        capture(c, x)
+
+    m = _alternating({"capture": lambda: capture(vit, x), "positions": lambda: broken(vit, x, positions=False),
+                      "copy": copied}, repeat=repeat)
+    rows += [{"what": "break it, timm ViT-B/16 224 px: positions off", "baseline": "capture", "seconds": m["positions"],
+              "baseline_seconds": m["capture"], "ratio": m["positions"] / m["capture"], "target": "≤ 1.5"},
+             {"what": "... the same by a deep copy with pos_embed zeroed", "baseline": "capture", "seconds": m["copy"],
+              "baseline_seconds": m["capture"], "ratio": m["copy"] / m["capture"], "target": "(not used)"}]
+    return rows
+
+
 # ----------------------------------------------------------------------------- the dashboard's server side
 def bench_dashboard(uploads: int = 8, clicks: int = 30) -> list[dict]:
     """Server-side time of Explore reruns: the page itself, timed around
@@ -503,7 +554,7 @@ def bench_atlas_open(n: int = 1000) -> list[dict]:
 
 
 SECTIONS = {"capture": bench_capture, "foreign_capture": bench_foreign_capture, "train": bench_train,
-            "train_form": bench_train_form, "explain": bench_explain, "heads": bench_heads,
+            "train_form": bench_train_form, "explain": bench_explain, "heads": bench_heads, "break": bench_break,
             "dashboard": bench_dashboard, "sessions": bench_sessions_section, "tabs": bench_tabs_section,
             "scaling": bench_scaling, "atlas": bench_atlas, "atlas_open": bench_atlas_open}
 
