@@ -224,6 +224,40 @@ def bench_explain() -> list[dict]:
     return rows
 
 
+def bench_attnlrp(repeat: int = 5) -> list[dict]:
+    """AttnLRP (lxt's rules on a private copy) and transformer attribution on a ViT-B/16 (torchvision,
+    random weights with a random head, 224 px, batch 1) against its plain forward; runs alternate,
+    so all three see the same machine load. Target from issue #15: relevance < 5 forwards' worth."""
+    import torchvision
+
+    from visattn import attnlrp
+    from visattn.relevance import transformer_attribution
+
+    model = torchvision.models.vit_b_16(weights=None).eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+    x = torch.randn(1, 3, 224, 224)
+    runs = {"plain": lambda: model(x), "view": lambda: attnlrp.lrp_view(model),
+            "attnlrp": lambda: attnlrp.attnlrp(model, x), "transformer_attribution": lambda: transformer_attribution(model, x)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(repeat + 1):  # the first round warms up
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            with torch.no_grad() if name == "plain" else torch.enable_grad():
+                fn()
+            if i:
+                times[name].append(time.perf_counter() - t)
+    plain = statistics.median(times["plain"])
+    conservation = float(attnlrp.attnlrp(model, x).conservation[0])
+    notes = {"attnlrp": f"< 5; conservation on this random-weight model {conservation:.1%}",
+             "view": "", "transformer_attribution": "< 5"}
+    labels = {"attnlrp": "AttnLRP (lxt)", "view": "AttnLRP's private copy alone", "transformer_attribution":
+              "transformer attribution"}
+    return [{"what": f"{labels[name]}, torchvision vit_b_16, 224 px, batch 1", "baseline": "plain forward",
+             "seconds": statistics.median(times[name]), "baseline_seconds": plain,
+             "ratio": statistics.median(times[name]) / plain, "target": notes[name]}
+            for name in ("attnlrp", "view", "transformer_attribution")]
+
+
 # ----------------------------------------------------------------------------- heads: ablation and relevance
 def bench_heads() -> list[dict]:
     """Head importance (every head of the default model), one head-toggle rerun, and the
@@ -554,7 +588,8 @@ def bench_atlas_open(n: int = 1000) -> list[dict]:
 
 
 SECTIONS = {"capture": bench_capture, "foreign_capture": bench_foreign_capture, "train": bench_train,
-            "train_form": bench_train_form, "explain": bench_explain, "heads": bench_heads, "break": bench_break,
+            "train_form": bench_train_form, "explain": bench_explain, "attnlrp": bench_attnlrp, "heads": bench_heads,
+            "break": bench_break,
             "dashboard": bench_dashboard, "sessions": bench_sessions_section, "tabs": bench_tabs_section,
             "scaling": bench_scaling, "atlas": bench_atlas, "atlas_open": bench_atlas_open}
 
