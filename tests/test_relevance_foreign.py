@@ -182,3 +182,36 @@ def test_refused_variants_say_why() -> None:
         why = unsupported(model, (SIDE, SIDE))
         assert why is not None and why.startswith(start), (case, why)
         assert transformer_attribution(model, torch.randn(1, 3, SIDE, SIDE)) is None
+
+
+@pytest.mark.parametrize("which", ["hybrid_vit", "torchvision", "timm q/k norm, scale norms, LayerScale",
+                                   "hf dinov2_registers"])
+def test_written_out_lrp_pass_equals_autograd_of_the_modified_gradients(which: str) -> None:
+    """``_Block.relprop`` on the plain pass's values equals autograd through the block re-run
+    with the LRP rules as modified gradients (``_Ops(lrp=True)``), at the block's input and at
+    its attention weights, in float64 (where rounding cannot hide a wrong term)."""
+    from tests.foreign_models import tiny_torchvision
+    from visattn import create_model
+
+    model = {"hybrid_vit": lambda: create_model("hybrid_vit", embed_dim=32, depth=2, heads=2),
+             "torchvision": lambda: lively(tiny_torchvision()),
+             "timm q/k norm, scale norms, LayerScale": lambda: lively(tiny_timm(
+                 "vit_qknorm", scale_attn_norm=True, scale_mlp_norm=True, init_values=0.5)),
+             "hf dinov2_registers": lambda: hf("dinov2_registers")}[which]().double().eval()
+    spec = _as_transformer(model, (SIDE, SIDE))
+    x = spec.embed(torch.randn(2, 3, SIDE, SIDE, dtype=torch.float64)).detach()
+    for block in spec.blocks:
+        notes: list = []
+        with torch.no_grad():
+            out = block.forward(x, _Ops(lrp=False, notes=notes), [])
+        g = torch.randn_like(out)
+        g_x, g_a = block.relprop(notes[0], g)
+        xr, weights = x.clone().requires_grad_(), []
+        with torch.enable_grad():
+            y = block.forward(xr, _Ops(lrp=True), weights)
+            want_x, want_a = torch.autograd.grad(y, [xr, weights[0]], g)
+        torch.testing.assert_close(y.detach(), out, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(g_a, want_a, atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(g_x, want_x, atol=1e-10, rtol=1e-9)
+        assert g_a.abs().max() > 1e-3 and g_x.abs().max() > 1e-3
+        x = out

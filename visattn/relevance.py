@@ -8,8 +8,9 @@ capture sees (gradients of the captured weights).
 ``transformer_attribution``: Chefer, Gur & Wolf, CVPR 2021 ("Transformer Interpretability
 Beyond Attention Visualization"): Ā = mean over heads of (∇A ⊙ R_A)⁺ with R_A the LRP
 relevance of the attention weights, and the joint map Π (I + Ā) (rows not renormalised, as
-in the authors' code). R_A comes from a re-run of the transformer blocks with LRP rules as
-modified gradients: z⁺ (α=1, β=0) on linear layers, identity through LayerNorm, GELU and
+in the authors' code). R_A comes from the LRP rules as modified gradients (``x ⊙ g`` is the
+relevance of ``x``), written out as a backward pass over the plain pass's own forward values
+(:meth:`_Block.relprop`; no second forward, no graph): z⁺ (α=1, β=0) on linear layers, identity through LayerNorm, GELU and
 softmax, half to each side of the attention products, LRP-0 on residual adds (the paper
 rescales the two branches of an add; nothing else differs). It needs the block structure, so
 it is defined for the pre-norm transformer families it knows: hybrid_vit, torchvision ViTs,
@@ -135,8 +136,9 @@ class _Ops:
     """The block's operations: plain, or with LRP rules as modified gradients (then
     ``x ⊙ ∂y/∂x`` is the LRP relevance of ``x``); forward values are the same either way."""
 
-    def __init__(self, lrp: bool) -> None:
+    def __init__(self, lrp: bool, notes: list[dict[str, Tensor]] | None = None) -> None:
         self.lrp = lrp
+        self.notes = notes  # each block's forward values, for _Block.relprop
 
     def linear(self, x: Tensor, layer: nn.Linear | tuple[Tensor, Tensor | None]) -> Tensor:
         w, b = (layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer
@@ -182,23 +184,70 @@ class _Block:
 
     def forward(self, x: Tensor, ops: _Ops, weights: list[Tensor]) -> Tensor:
         b, n, _ = x.shape
-        h = ops.identity_rule(self.norm1, x)
-        q, k, v = ops.linear(h, self.qkv).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        if self.q_norm is not None:
-            q, k = ops.identity_rule(self.q_norm, q), ops.identity_rule(self.k_norm, k)
-        s = ops.product(q * self.scale, k.transpose(-2, -1))  # (B, h, N, N)
+        h1 = ops.identity_rule(self.norm1, x)
+        qkv = ops.linear(h1, self.qkv)
+        q, k, v = qkv.reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        qn, kn = (q, k) if self.q_norm is None else (ops.identity_rule(self.q_norm, q), ops.identity_rule(self.k_norm, k))
+        qs = qn * self.scale
+        s = ops.product(qs, kn.transpose(-2, -1))  # (B, h, N, N)
         a = ops.identity_rule(lambda t: t.softmax(-1), s)
         weights.append(a)
-        context = ops.product(a, v).transpose(1, 2).reshape(b, n, -1)
-        if self.attn_norm is not None:
-            context = ops.identity_rule(self.attn_norm, context)
-        y = ops.linear(context, self.proj)
-        x = x + (y if self.ls1 is None else self.ls1(y))
-        h = ops.identity_rule(self.act, ops.linear(ops.identity_rule(self.norm2, x), self.fc1))
-        if self.mlp_norm is not None:
-            h = ops.identity_rule(self.mlp_norm, h)
-        y = ops.linear(h, self.fc2)
-        return x + (y if self.ls2 is None else self.ls2(y))
+        c = ops.product(a, v).transpose(1, 2).reshape(b, n, -1)
+        c2 = c if self.attn_norm is None else ops.identity_rule(self.attn_norm, c)
+        y1 = ops.linear(c2, self.proj)
+        y1s = y1 if self.ls1 is None else self.ls1(y1)
+        xm = x + y1s
+        h2 = ops.identity_rule(self.norm2, xm)
+        u = ops.linear(h2, self.fc1)
+        ua = ops.identity_rule(self.act, u)
+        ua2 = ua if self.mlp_norm is None else ops.identity_rule(self.mlp_norm, ua)
+        y2 = ops.linear(ua2, self.fc2)
+        y2s = y2 if self.ls2 is None else self.ls2(y2)
+        if ops.notes is not None:
+            ops.notes.append(dict(x=x, h1=h1, qkv=qkv, q=q, k=k, v=v, qn=qn, kn=kn, qs=qs, s=s, a=a, c=c, c2=c2, y1=y1,
+                                  y1s=y1s, xm=xm, h2=h2, u=u, ua=ua, ua2=ua2, y2=y2, y2s=y2s))
+        return xm + y2s
+
+    def relprop(self, v: dict[str, Tensor], g: Tensor) -> tuple[Tensor, Tensor]:
+        """The LRP pass of :meth:`forward` written out, on the plain pass's values ``v``:
+        the modified gradient ``g`` at the block's output -> (at its input, at its attention
+        weights). Equal to autograd through ``forward`` with ``_Ops(lrp=True)``, without
+        computing the forward values again or building a graph."""
+        b, n, _ = g.shape
+        g_y2 = g if self.ls2 is None else _ratio_back(g, v["y2s"], v["y2"])
+        g_ua2 = _linear_back(g_y2, v["ua2"], v["y2"], self.fc2)
+        g_ua = g_ua2 if self.mlp_norm is None else _ratio_back(g_ua2, v["ua2"], v["ua"])
+        g_h2 = _linear_back(_ratio_back(g_ua, v["ua"], v["u"]), v["h2"], v["u"], self.fc1)
+        g_xm = g + _ratio_back(g_h2, v["h2"], v["xm"])
+        g_y1 = g_xm if self.ls1 is None else _ratio_back(g_xm, v["y1s"], v["y1"])
+        g_c2 = _linear_back(g_y1, v["c2"], v["y1"], self.proj)
+        g_c = g_c2 if self.attn_norm is None else _ratio_back(g_c2, v["c2"], v["c"])
+        g_c = g_c.reshape(b, n, self.heads, -1).transpose(1, 2)  # (B, h, N, d)
+        g_a = 0.5 * (g_c @ v["v"].transpose(-2, -1))
+        g_v = 0.5 * (v["a"].transpose(-2, -1) @ g_c)
+        g_s = _ratio_back(g_a, v["a"], v["s"])
+        g_q = 0.5 * (g_s @ v["kn"]) * self.scale
+        g_k = 0.5 * (g_s.transpose(-2, -1) @ v["qs"])
+        if self.q_norm is not None:
+            g_q, g_k = _ratio_back(g_q, v["qn"], v["q"]), _ratio_back(g_k, v["kn"], v["k"])
+        g_qkv = torch.stack([g_q, g_k, g_v]).permute(1, 3, 0, 2, 4).reshape(b, n, -1)
+        g_h1 = _linear_back(g_qkv, v["h1"], v["qkv"], self.qkv)
+        return g_xm + _ratio_back(g_h1, v["h1"], v["x"]), g_a
+
+
+def _ratio_back(g: Tensor, y: Tensor, x: Tensor) -> Tensor:
+    """The identity rule's modified gradient at ``x`` from the one at ``y`` = f(x)."""
+    return g * _safe_div(y, x)
+
+
+def _linear_back(g: Tensor, x: Tensor, z: Tensor, layer: nn.Linear | tuple[Tensor, Tensor | None]) -> Tensor:
+    """The z⁺ rule's modified gradient at the input ``x`` of ``layer`` (output ``z``)."""
+    w = layer.weight if isinstance(layer, nn.Linear) else layer[0]
+    halves = torch.cat([w.clamp(min=0), w.clamp(max=0)], 1)
+    zp = F.linear(torch.cat([x.clamp(min=0), x.clamp(max=0)], -1), halves)
+    back = (g * _safe_div(z, zp)) @ halves
+    d = x.shape[-1]
+    return back[..., :d] * (x >= 0) + back[..., d:] * (x <= 0)
 
 
 @dataclass
@@ -390,8 +439,8 @@ def unsupported(model: nn.Module, hw: tuple[int, int]) -> str | None:
 def transformer_attribution(model: nn.Module, images: Tensor,
                             targets: Tensor | list[int] | int | None = None) -> TokenRelevance | None:
     """Transformer attribution (Chefer et al., CVPR 2021) for a batch; None for a model
-    whose blocks it does not know (see the module docstring). Two passes through the
-    transformer blocks: a plain one for ∇A, an LRP one for R_A.
+    whose blocks it does not know (see the module docstring). One forward through the
+    transformer blocks, autograd of it for ∇A, and the LRP pass for R_A written out on its values.
 
     >>> from visattn import create_model
     >>> r = transformer_attribution(create_model("hybrid_vit", depth=2).eval(), torch.rand(2, 3, 32, 32))
@@ -402,23 +451,28 @@ def transformer_attribution(model: nn.Module, images: Tensor,
     if isinstance(spec, str):
         return None
     with torch.no_grad():
-        x0 = spec.embed(images.detach())
+        x = spec.embed(images.detach())
+    notes: list[dict[str, Tensor]] = []
     with torch.enable_grad():
-        logits, _, plain = spec.forward(x0.clone().requires_grad_(), _Ops(lrp=False))
+        logits, final, plain = spec.forward(x.clone().requires_grad_(), _Ops(lrp=False, notes=notes))
         t = _targets(logits, targets)
         grads = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), plain)
-        x = x0.clone().requires_grad_()
-        lrp_logits, final, weights = spec.forward(x, _Ops(lrp=True))
-        chosen = lrp_logits.gather(1, t[:, None])[:, 0]
-        relevance = torch.autograd.grad(chosen.sum(), [*weights, final, x])
-    scale = _safe_div(torch.ones_like(chosen), chosen).detach()[:, None, None, None]  # seed 1 at the target
-    b, n = x0.shape[:2]
-    joint = torch.eye(n).expand(b, n, n)
-    for a, g, r in zip(weights, grads, relevance):
-        cam = (g * (a * r * scale)).clamp(min=0).mean(1).detach().float()  # (B, N, N)
-        joint = joint + cam @ joint
-    final_relevance = (final * relevance[-2]).sum(-1).detach().float()
-    inputs = (x * relevance[-1]).sum(dim=(1, 2)).detach()
-    conservation = ((inputs - chosen.detach()).abs() / chosen.detach().abs().clamp_min(1e-12)).cpu().numpy()
+        final = final.detach().requires_grad_()  # the readout's LRP pass, then the blocks' written out
+        chosen = spec.readout(_Ops(lrp=True).identity_rule(spec.norm, final), _Ops(lrp=True)).gather(1, t[:, None])[:, 0]
+        (g,) = torch.autograd.grad(chosen.sum(), final)
+    with torch.no_grad():
+        final_relevance = (final * g).sum(-1).float()
+        relevance = []
+        for block, v in zip(reversed(spec.blocks), reversed(notes)):
+            g, g_a = block.relprop({k: val.detach() for k, val in v.items()}, g)
+            relevance.append(g_a)
+        scale = _safe_div(torch.ones_like(chosen), chosen)[:, None, None, None]  # seed 1 at the target
+        b, n = x.shape[:2]
+        joint = torch.eye(n).expand(b, n, n)
+        for v, grad, r in zip(notes, grads, reversed(relevance)):
+            cam = (grad * (v["a"].detach() * r * scale)).clamp(min=0).mean(1).float()  # (B, N, N)
+            joint = joint + cam @ joint
+        inputs = (x * g).sum(dim=(1, 2))
+        conservation = ((inputs - chosen).abs() / chosen.abs().clamp_min(1e-12)).cpu().numpy()
     return TokenRelevance(_readout(joint, final_relevance, spec.prefix), spec.grid, spec.prefix, t.tolist(),
                           conservation)
