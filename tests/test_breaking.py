@@ -191,6 +191,24 @@ def test_nothing_broken_is_the_plain_capture_and_heads_are_ablate(family: str) -
     assert not torch.equal(removed.logits, plain.logits)
 
 
+@pytest.mark.parametrize("fused, unfused", [("timm_vit", "timm_unfused"), ("hf_vit", "hf_eager")])
+def test_heads_removed_in_the_model_s_own_softmax_path_equal_the_fused_path(fused: str, unfused: str) -> None:
+    """timm's unfused and Hugging Face's eager attention compute weights @ V themselves: the
+    edit reaches that product (ablate and broken), as on the fused path, which test_ablation
+    checks against zeroed channels at the output projection."""
+    torch.manual_seed(0)
+    model = build(fused)
+    torch.manual_seed(0)
+    other, x = build(unfused), torch.rand(2, 3, SIDE, SIDE)
+    other.load_state_dict(model.state_dict())
+    heads = {name: [1] for name in capture(model, x).attention}
+    torch.testing.assert_close(logits_of(ablate(other, x, heads)), logits_of(ablate(model, x, heads)),
+                               atol=1e-5, rtol=1e-5)
+    both = dict(scale=0.5, positions=False, heads=heads)
+    torch.testing.assert_close(broken(other, x, **both).logits, broken(model, x, **both).logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(broken(other, x, **both).logits, broken(other, x, scale=0.5, positions=False).logits)
+
+
 def state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -201,8 +219,7 @@ def test_the_shared_model_is_unchanged(family: str) -> None:
     before, layer = state(model), list(capture(model, x).attention)[0]
     with torch.no_grad():
         plain = logits_of(model(x))
-    heads = {} if family == "timm_unfused" else {layer: [0]}  # head edits need the fused path (visattn.ablation)
-    broken(model, x, scale=4.0, sqrt_d=False, positions=False, heads=heads)
+    broken(model, x, scale=4.0, sqrt_d=False, positions=False, heads={layer: [0]})
     after = state(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not model.training

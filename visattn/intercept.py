@@ -13,7 +13,8 @@ model. The mode sees three calls:
   module's own input projection;
 - a softmax in transformers' ``eager_attention_forward`` or timm's unfused path: the weights
   are the model's own, Q and K are read from the calling frame (under a logit rescale,
-  :func:`visattn.sites.rescaled`, the weights are recomputed with the new scale).
+  :func:`visattn.sites.rescaled`, the weights are recomputed with the new scale; under a head
+  edit, the model's next ``weights @ V`` goes through the edit).
 
 The module that made a call is the nearest ``self`` / ``module`` on the Python stack.
 Windowed (Swin) and cross-attention calls are run as they are and reported as not captured;
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from visattn.sites import AttentionSite, attend, current_recorder, current_rescale, record_extras
+from visattn.sites import AttentionSite, attend, current_edit, current_recorder, current_rescale, record_extras
 from visattn.tokens import guess_layout
 
 
@@ -45,6 +46,7 @@ def _sdpa_signature(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 
 _SDPA_SIGNATURE = inspect.signature(_sdpa_signature)
 _SOFTMAX = (F.softmax, torch.softmax, Tensor.softmax)
+_MATMUL = (torch.matmul, Tensor.matmul, Tensor.__matmul__)
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 _ATTENTION_CLASS = re.compile(r"Attention(2d)?$")
 _WINDOWED_CLASS = re.compile(r"Window|Swin")
@@ -112,12 +114,27 @@ class ForeignAttention(TorchFunctionMode):
         self._handlers: dict[Any, Callable] = {F.scaled_dot_product_attention: self._sdpa,
                                                 F.multi_head_attention_forward: self._mha}
         self._handlers.update({f: self._softmax for f in _SOFTMAX})
+        self._pending: tuple[nn.Module, int, torch.Size] | None = None  # softmax weights whose @ V is edited
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         handler = self._handlers.get(func)
         if handler is None:
+            if self._pending is not None and func in _MATMUL:
+                return self._weighted_sum(func, args, kwargs or {})
             return func(*args, **(kwargs or {}))
         return handler(func, args, kwargs or {})
+
+    def _weighted_sum(self, func, args, kwargs):
+        """``weights @ V`` after a softmax path's weights (dropout in eval mode between them
+        keeps their storage): its head outputs go through this thread's edit."""
+        out = func(*args, **kwargs)
+        owner, ptr, shape = self._pending
+        w = args[0] if args else None
+        if isinstance(w, Tensor) and w.data_ptr() == ptr and w.shape == shape and out.dim() == 4:
+            self._pending = None
+            edit = current_edit()
+            return edit(owner, out) if edit is not None else out
+        return out
 
     # -- where a call comes from ---------------------------------------------------------
     def _caller(self) -> FrameType | None:
@@ -273,9 +290,11 @@ class ForeignAttention(TorchFunctionMode):
             if new != scale:  # the model's logits plus (new - old) Q Kᵀ: its mask stays as it was
                 weights = func(args[0] + (q @ k.transpose(-2, -1)) * (new - scale), *args[1:], **kwargs)
                 scale = new
-        if rec is None:
-            return weights  # under an edit only: the model computes its own head outputs
         refusal = self._refusal(owner, q, k)
+        if refusal is None and current_edit() is not None:  # the model computes weights @ V: edited there
+            self._pending = (owner, weights.data_ptr(), weights.shape)
+        if rec is None:
+            return weights
         if refusal is None and weights.shape != (*q.shape[:-1], k.shape[-2]):
             refusal = CUSTOM
         bias, shared = (None, True) if refusal is not None else _site_bias(mask, q.shape[1], q.shape[2], q.dtype, False)

@@ -179,6 +179,11 @@ def rescaled(rescale: ScaleEdit) -> contextlib.AbstractContextManager[ScaleEdit]
     return _set(_RESCALE, rescale)
 
 
+def current_edit() -> HeadEdit | None:
+    """The head-output edit active in this thread, or ``None``."""
+    return _EDIT.get()
+
+
 def current_rescale() -> ScaleEdit | None:
     """The logit-scale edit active in this thread, or ``None``."""
     return _RESCALE.get()
@@ -228,7 +233,7 @@ def attend(
         weights = logits.softmax(dim=-1)
         out = weights @ v  # (B, h, N, d_v)
         weights = weights if keep else None
-    edit = _EDIT.get()
+    edit = current_edit()
     if edit is not None:
         out = edit(module, out)
     if rec is not None:
