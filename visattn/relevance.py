@@ -241,13 +241,13 @@ def _ratio_back(g: Tensor, y: Tensor, x: Tensor) -> Tensor:
 
 
 def _linear_back(g: Tensor, x: Tensor, z: Tensor, layer: nn.Linear | tuple[Tensor, Tensor | None]) -> Tensor:
-    """The z⁺ rule's modified gradient at the input ``x`` of ``layer`` (output ``z``)."""
-    w = layer.weight if isinstance(layer, nn.Linear) else layer[0]
-    halves = torch.cat([w.clamp(min=0), w.clamp(max=0)], 1)
-    zp = F.linear(torch.cat([x.clamp(min=0), x.clamp(max=0)], -1), halves)
-    back = (g * _safe_div(z, zp)) @ halves
-    d = x.shape[-1]
-    return back[..., :d] * (x >= 0) + back[..., d:] * (x <= 0)
+    """The z⁺ rule's modified gradient at the input ``x`` of ``layer`` (output ``z``):
+    x⁺w⁺ + x⁻w⁻ = (xw + |x||w|) / 2, so one matmul with |w| gives it from z."""
+    w, b = (layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer
+    wa = w.abs()
+    zp = F.linear(x.abs(), wa, None if b is None else -b).add_(z).mul_(0.5)
+    s = g * _safe_div(z, zp)
+    return 0.5 * (s @ w + x.sign() * (s @ wa))
 
 
 @dataclass
