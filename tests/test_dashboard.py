@@ -347,6 +347,7 @@ def test_train_argv_is_validated():
     default = runs.train_argv("x")
     sets = [default[i + 1] for i, word in enumerate(default) if word == "--set"]
     assert default[default.index("--subset") + 1] == "50000" and default[default.index("--epochs") + 1] == "3"
+    assert float(default[default.index("--attn-lr-scale") + 1]) == runs.FORM_ATTN_LR_SCALE > 1
     from visattn.cli import parse_overrides
     from visattn.models import create_model
     from visattn.models.attention import SpatialSelfAttention2d
@@ -354,7 +355,7 @@ def test_train_argv_is_validated():
     model = create_model("sa_cnn", **parse_overrides(sets))  # the default form's model, from its --set options
     (attn,) = [m for m in model.modules() if isinstance(m, SpatialSelfAttention2d)]
     assert (attn.grid, attn.heads, attn.similarity, attn.pos_encoding) == ((8, 8), 1, "cosine", "relative")
-    assert model.stem.conv.stride == (2, 2) and float(attn.gate) == 1.0 and float(attn.scale()) == pytest.approx(10.0)
+    assert model.stem.conv.stride == (2, 2) and float(attn.gate) == 1.0 and float(attn.scale()) == pytest.approx(1.0)
 
 
 def test_read_metrics_tolerates_a_half_written_line(tmp_path):

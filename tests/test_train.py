@@ -283,10 +283,34 @@ def test_weight_decay_spares_norms_gates_and_position_tables() -> None:
     from visattn.train import make_optimizer
 
     model = create_model("sa_cnn", widths=(8, 16), attn_stages=(0,), stem_stride=2, heads=1, pos_encoding="relative")
-    decay, spared = make_optimizer(model, TrainConfig(weight_decay=5e-4)).param_groups
+    decay, spared, shape = make_optimizer(model, TrainConfig(weight_decay=5e-4)).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
-    assert decay["weight_decay"] == 5e-4 and spared["weight_decay"] == 0.0
-    assert "stages.0.1.rel_bias.table" in {names[id(p)] for p in spared["params"]}
+    assert decay["weight_decay"] == 5e-4 and spared["weight_decay"] == shape["weight_decay"] == 0.0
+    assert {names[id(p)] for p in shape["params"]} == {"stages.0.1.rel_bias.table"}  # (dot product: no temperature)
     assert decayed == {n for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1 and "table" not in n}
     assert "stages.0.1.q.weight" in decayed and not any("gate" in n or "norm" in n for n in decayed)
+
+
+def test_attention_shape_learns_at_its_own_rate() -> None:
+    """The temperature and the relative-position table step ``attn_lr_scale`` times as far as
+    they would at the plain learning rate, from the same gradient; every other weight steps as before."""
+    from visattn.models import create_model
+    from visattn.train import make_optimizer, set_lr
+
+    def one_step(scale: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = create_model("sa_cnn", widths=(8, 16), attn_stages=(0,), stem_stride=2, heads=1,
+                             similarity="cosine", pos_encoding="relative", temperature_init=1.0)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = make_optimizer(model, TrainConfig(attn_lr_scale=scale, weight_decay=0.0))
+        set_lr(opt, 0.01)
+        model(torch.randn(4, 3, 32, 32)).logsumexp(1).mean().backward()
+        opt.step()
+        return {n: p.detach() - before[n] for n, p in model.named_parameters()}
+
+    plain, fast = one_step(1.0), one_step(250.0)
+    for name in ("stages.0.1.log_temperature", "stages.0.1.rel_bias.table"):
+        assert plain[name].abs().max() > 0
+        torch.testing.assert_close(fast[name], 250.0 * plain[name], rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(fast["stages.0.1.q.weight"], plain["stages.0.1.q.weight"])

@@ -149,8 +149,8 @@ def test_refusals_are_one_line(lab: Path, tmp_path: Path, monkeypatch: pytest.Mo
 @pytest.mark.slow
 def test_the_default_form_teaches(lab: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Press Start with the defaults: >= 70% on all 10,000 test images, and the probe's
-    attention entropy ends clearly below uniform's (``make bench`` records the time). (With
-    cosine similarity at temperature 10 it starts below uniform too: see the README.)"""
+    attention entropy starts at uniform's and falls clearly below it (``make bench`` records
+    the time)."""
     monkeypatch.setitem(runs.DEFAULT_FORM, "eval_subset", 0)
     at = open_train()
     at.text_input(key="train_name").set_value("default_form")
@@ -160,4 +160,4 @@ def test_the_default_form_teaches(lab: Path, monkeypatch: pytest.MonkeyPatch) ->
     record = runs.read_run(lab / "default_form.metrics.jsonl")
     assert record.epochs[-1]["test_acc"] >= 0.70
     _, entropy, uniform = list(record.entropy().values())[-1]
-    assert entropy[-1] < 0.9 * uniform and min(entropy) < max(entropy) - 0.1  # it moves, and ends focused
+    assert entropy[0] > 0.98 * uniform and entropy[-1] < 0.88 * uniform  # from uniform to focused

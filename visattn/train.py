@@ -54,6 +54,7 @@ class TrainConfig:
     lr: float = 0.4  # peak learning rate (mean loss); about 2e-3 suits adamw
     momentum: float = 0.9  # SGD's Nesterov momentum
     weight_decay: float = 5e-4  # on conv and linear weights only; about 0.05 suits adamw
+    attn_lr_scale: float = 1.0  # learning-rate multiplier of attention's shape: temperatures and position tables
     label_smoothing: float = 0.2
     warmup: float = 0.15  # fraction of the steps spent rising to the peak; then linear decay to 0
     pad: int = 2  # random-translation pixels
@@ -177,17 +178,35 @@ def per_class_accuracy(confusion: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- optimiser and schedule
 NO_DECAY = ("pos_embed", "rel_bias.table")  # parameters with 2+ dimensions kept out of weight decay
+ATTN_SHAPE = ("log_temperature", "rel_bias.table")  # what sets how peaked attention rows are
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    """SGD or AdamW; weight decay on conv and linear weights only; attention's shape parameters
+    (:data:`ATTN_SHAPE`) at ``cfg.attn_lr_scale`` times the learning rate (each group's ``lr_scale``)."""
+    decay, no_decay, shape = [], [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:  # no decay on norms, biases, gates and position tables (it pulls attention to uniform)
+        if not p.requires_grad:  # no decay on norms, biases, gates and position tables (it pulls attention to uniform)
+            continue
+        if any(k in name for k in ATTN_SHAPE):
+            shape.append(p)
+        else:
             (decay if p.ndim > 1 and not any(k in name for k in NO_DECAY) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    if shape:
+        groups.append({"params": shape, "weight_decay": 0.0, "lr_scale": cfg.attn_lr_scale})
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
     if cfg.optimizer != "sgd":
         raise TrainingError(f"unknown optimizer {cfg.optimizer!r}: use sgd or adamw")
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group at ``lr`` times its ``lr_scale`` (see :func:`make_optimizer`)."""
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -401,8 +420,7 @@ def _train(cfg: TrainConfig, resume: bool, status: StatusFile | None) -> tuple[n
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if rank == 0 else True)
         for i in bar:
             step = epoch * steps_per_epoch + i
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, cfg)
+            set_lr(opt, lr_at(step, total, cfg))
             idx = perm[i]
             x = augment(images[idx.to(device)], flips[idx].to(device), cfg.pad, cfg.cutout, gen)
             x = normalise(x, mean, std).contiguous(memory_format=torch.channels_last)
@@ -428,7 +446,7 @@ def _train(cfg: TrainConfig, resume: bool, status: StatusFile | None) -> tuple[n
             if metrics and ((i + 1) % cfg.log_every == 0 or now - last_line >= cfg.log_seconds) and i + 1 < steps_per_epoch:
                 line = {
                     "type": "step", "epoch": epoch + 1, "step": step + 1, "total_steps": total,
-                    "loss": loss_sum / seen, "train_acc": correct / seen, "lr": g["lr"],
+                    "loss": loss_sum / seen, "train_acc": correct / seen, "lr": lr_at(step, total, cfg),
                     "img_per_s": seen * world / (now - t0),
                 }
                 if now - last_probe >= cfg.probe_seconds:

@@ -31,7 +31,8 @@ def model_overrides(model: str, width: int, heads: int, similarity: str, pos_enc
     """The ``--set`` config of each trainable model for the Train page's few knobs."""
     if model == "sa_cnn":  # the stride-2 whitening stem: 16×16 from the start, attention on the 8×8 grid
         return {"widths": (width, 2 * width), "attn_stages": (0,), "stem_stride": 2, "heads": heads,
-                "similarity": similarity, "pos_encoding": pos_encoding, "gate_init": FORM_GATE}
+                "similarity": similarity, "pos_encoding": pos_encoding, "gate_init": FORM_GATE,
+                "temperature_init": FORM_TEMPERATURE}
     if model == "hybrid_vit":
         return {"embed_dim": 4 * width, "heads": heads}
     if model == "cbam_cnn":
@@ -43,15 +44,21 @@ def model_overrides(model: str, width: int, heads: int, similarity: str, pos_enc
 
 #: The Train form's defaults: a small sa_cnn (about 5 M multiply-adds an image: a stride-2
 #: stem, one attention head, about 950 training images per CPU-second on one thread) with cosine
-#: similarity (temperature 10: the probe's entropy ends near 3.4 of log 64 = 4.16, where dot
-#: product stayed at 4.13; it starts there too, see the README) and relative positions, on every
-#: training image (``make bench`` measures the run's time, test accuracy and probe entropy).
+#: similarity and relative positions, on every training image. Attention starts almost uniform and
+#: learns where to look within the run (see FORM_TEMPERATURE); ``make bench`` measures the run's time,
+#: test accuracy and probe entropy.
 DEFAULT_FORM: dict[str, Any] = {"model": "sa_cnn", "epochs": 3, "width": 32, "heads": 1, "similarity": "cosine",
                                 "pos_encoding": "relative", "subset": 50000, "eval_subset": 0}
 #: The residual gate the form's sa_cnn starts with: attention counts from the first step, so
 #: its queries and keys get gradient (dot product, about 80 steps: probe entropy 4.11 at gate 0.1,
 #: 4.02 at gate 1, of log 64 = 4.16).
 FORM_GATE = 1.0
+#: Cosine similarity starts at temperature 1 (rows almost uniform: probe entropy 4.15 of 4.16), and
+#: the temperature and relative-position table learn at FORM_ATTN_LR_SCALE times the learning rate,
+#: so what attention learns to look at shows within the run (their gradients are thousands of times
+#: smaller than the convolutions'; at 1x the entropy stayed at 4.14 for 3 epochs).
+FORM_TEMPERATURE = 1.0
+FORM_ATTN_LR_SCALE = 1000.0
 MIN_IMAGES = 512  # one batch
 
 
@@ -74,6 +81,8 @@ def train_argv(name: str, model: str = DEFAULT_FORM["model"], epochs: int = DEFA
             "--out", str(paths.runs() / f"{name}.safetensors"), "--data", str(data or paths.data()),
             "--probe", str(probe)]
     argv += ["--subset", str(int(subset))]  # all of them when it is the split's size or more
+    if model == "sa_cnn":
+        argv += ["--attn-lr-scale", str(FORM_ATTN_LR_SCALE)]
     if eval_subset:
         argv += ["--eval-subset", str(int(eval_subset))]
     for key, value in model_overrides(model, width, heads, similarity, pos_encoding).items():
