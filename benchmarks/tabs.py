@@ -19,6 +19,7 @@ and compared with :func:`expected_prediction`, the library's own answer for the 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -165,6 +166,7 @@ def chrome(profile: Path):
                 "--disable-quic", "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
                 "--disable-backgrounding-occluded-windows", f"--user-data-dir={profile}"):
         opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})  # for a failing test's report
     d = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
     d.set_page_load_timeout(120)
     d.set_script_timeout(60)
@@ -216,6 +218,21 @@ class TabResult:
     prediction: tuple[str, str] | None  # (class, "p.p") read from the page
     names_shown: list[str]  # tab_<i>.jpg names visible in the page
     errors: list[str]
+
+
+def network_log(driver) -> list[str]:
+    """The tab's websocket and request events since the last call (Chrome's performance log): what a
+    failing test reports."""
+    out = []
+    for entry in driver.get_log("performance"):
+        m = json.loads(entry["message"])["message"]
+        if m["method"].startswith(("Network.webSocket", "Network.requestWillBeSent", "Network.loadingFailed",
+                                   "Network.responseReceived")) and "Frame" not in m["method"]:
+            p = m["params"]
+            what = p.get("url") or p.get("request", {}).get("url") or p.get("response", {}).get("url") or ""
+            detail = p.get("errorText") or p.get("response", {}).get("status") or ""
+            out.append(f"{entry['timestamp'] / 1000:.3f} {m['method']} {what} {detail}")
+    return out
 
 
 def wait_reconnected(driver, timeout: float = 120) -> None:

@@ -76,11 +76,16 @@ def test_two_replicas_each_tab_its_own_answer_and_failover(balancer, tmp_path: P
     assert len(set(expected)) == 3
     driver = tabs.chrome(tmp_path / "chrome")
     try:
-        for host, cookie in hosts.items():  # each host's cookie jar: its sticky cookie
-            driver.get(host + "/_stcore/health")
-            driver.add_cookie({"name": "visattn_replica", "value": cookie, "path": "/"})
+        for host, cookie in hosts.items():  # each host's cookie jar: its sticky cookie, set before any
+            # request (else nginx's answer sets a random one), by CDP: Selenium's add_cookie does not
+            # take on an IP-address host (the tab on 127.0.0.1 then landed on either replica)
+            driver.execute_cdp_cmd("Network.setCookie", {"name": "visattn_replica", "value": cookie,
+                                                         "url": host + "/", "path": "/"})
         urls = list(hosts)  # tab 0 on replica a, tab 1 on replica b
         handles = [tabs.open_tab(driver, urls[i], first=i == 0) for i in range(2)]
+        for handle, cookie in zip(handles, hosts.values()):  # what each tab sends: its one sticky cookie
+            driver.switch_to.window(handle)
+            assert {c["value"] for c in driver.get_cookies() if c["name"] == "visattn_replica"} == {cookie}
         print(f"{time.strftime('%X')} tabs open", flush=True)
         tabs.upload_all(driver, handles, files[:2])
         results = tabs.collect(driver, handles, files[:2], timeout=400)
@@ -92,13 +97,21 @@ def test_two_replicas_each_tab_its_own_answer_and_failover(balancer, tmp_path: P
         print(f"{time.strftime('%X')} each tab its answer, latencies {[r.latency for r in results]}", flush=True)
         driver.switch_to.window(handles[0])
         driver.execute_script(tabs.WATCH)  # from now on: counts the tab's new websockets
+        tabs.network_log(driver)  # (a failure prints what came after this)
+        print(f"{time.time():.3f} replica a killed", flush=True)
         os.killpg(replicas[a], signal.SIGKILL)  # replica a dies with a session on it
         tabs.wait_for(lambda: replica_of(url, cookie_a) == b, 30, "nginx to send a's users to b")
         assert serve.poll() is None  # nginx and replica b go on
         # a's user: the page keeps showing what it had; its websocket reconnects through nginx, now to b
         # (a new session there), and the user's next interaction (a new photo) runs on b, with the
         # widgets as the page shows them (upload mode), so the page recovers with the new prediction.
-        tabs.wait_reconnected(driver)
+        try:
+            tabs.wait_reconnected(driver)
+        except TimeoutError:
+            print("\n".join(tabs.network_log(driver)[-80:]), flush=True)
+            for log in ("access.log", "error.log"):
+                print(log, Path(state["run_dir"], log).read_text()[-6000:], sep="\n", flush=True)
+            raise
         tabs.upload_all(driver, handles[:1], files[2:])
         r, = tabs.collect(driver, handles[:1], files[2:], timeout=300)
         assert r.latency is not None and not r.errors and r.prediction == expected[2], r
