@@ -1,8 +1,9 @@
-"""AttnLRP through lxt on torchvision ViTs: conservation, the relevance absorbed by the
-additive terms, batches, models it does not support, and the shared model left as it was
+"""AttnLRP through lxt's rules on torchvision and timm ViTs and hybrid_vit: conservation, the
+relevance absorbed by the additive terms, batches, models it does not support, and the shared model left as it was
 (also for another thread running a plain forward in the middle of an LRP pass)."""
 from __future__ import annotations
 
+import importlib.util
 import threading
 
 import numpy as np
@@ -55,28 +56,55 @@ def test_conservation_without_additive_terms():
     np.testing.assert_allclose(r.maps(), r.tokens.clamp(min=0).reshape(3, 4, 4).numpy())
 
 
-def test_input_and_additive_relevance_add_up_to_the_logit():
-    """With biases, class token and position embedding, the input keeps only part of the logit:
-    the rest is their relevance (each additive term times its gradient through the same rules;
-    the query and key biases feed the softmax, which the rules cut off). The reported figure is
-    exactly that rest."""
-    model, x = tiny_vit(), images(1)
+def _family(name: str) -> nn.Module:
+    from tests.foreign_models import lively, tiny_timm
+
+    if name == "torchvision":
+        return tiny_vit()
+    if name.startswith("hybrid_vit"):
+        model = lively(create_model("hybrid_vit", depth=2, cls_token=name.endswith("cls")).eval())
+        for m in model.modules():  # BatchNorm's running mean is a constant offset, not a parameter: 0 here,
+            if isinstance(m, nn.BatchNorm2d):  # so that every additive term is a parameter the test can read
+                m.running_mean.zero_()
+        return model
+    pytest.importorskip("timm")
+    if name == "timm_avg":
+        return lively(tiny_timm("vit", global_pool="avg", class_token=False))
+    return lively(tiny_timm(name.removeprefix("timm_")))
+
+
+ADDITIVE = {"class_token", "pos_embedding", "cls", "pos_embed", "cls_token", "reg_token", "dist_token"}
+FAMILIES = ("torchvision", "timm_vit", "timm_vit_qknorm", "timm_vit_registers", "timm_deit_distilled", "timm_avg",
+            "hybrid_vit", "hybrid_vit_cls")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_input_and_additive_relevance_add_up_to_the_logit(family):
+    """With biases, class/register tokens and position embedding, the input keeps only part of
+    the logit: the rest is their relevance (each additive term times its gradient through the
+    same rules; the query and key biases and q/k norms feed the softmax, which the rules cut
+    off, so they are not counted). Input plus additive relevance is the logit on every
+    supported family (no path escapes the rules); the reported figure is exactly the rest."""
+    model, x = _family(family), images(1)
+    assert lrp.supports(model)
     r = lrp.attnlrp(model, x)
     view = lrp.lrp_view(model)
-    additive = {n: p for n, p in view.named_parameters()
-                if n.endswith("bias") or n in ("class_token", "encoder.pos_embedding")}
+    torch.testing.assert_close(view(x), model(x), rtol=1e-5, atol=1e-5)
+    additive = {n: p for n, p in view.named_parameters() if n.rsplit(".", 1)[-1] in ADDITIVE
+                or (n.endswith("bias") and "q_norm" not in n and "k_norm" not in n)}
     inp = x.clone().requires_grad_()
     logit = view(inp)[0, r.targets[0]]
-    grads = torch.autograd.grad(logit, [inp, *additive.values()])
+    grads = torch.autograd.grad(logit, [inp, *additive.values()], allow_unused=True)
     kept = 0.0
     for (name, p), g in zip(additive.items(), grads[1:]):
-        share = p * g
+        share = p * (torch.zeros_like(p) if g is None else g)
         kept += float((share[2 * len(p) // 3:] if name.endswith("in_proj_bias") else share).detach().sum())  # V only
-    inputs = float((inp * grads[0]).detach().sum())
-    assert inputs + kept == pytest.approx(float(logit.detach()), rel=1e-4)
-    assert r.conservation[0] == pytest.approx(abs(kept) / abs(float(logit.detach())), rel=1e-3)
+    inputs, logit = float((inp * grads[0]).detach().sum()), float(logit.detach())
+    assert inputs + kept == pytest.approx(logit, rel=1e-4, abs=1e-5)
+    assert r.conservation[0] == pytest.approx(abs(kept) / abs(logit), rel=1e-3, abs=1e-6)
     assert r.conservation[0] > 0.01  # these terms do keep relevance: the figure is not a constant 0
-    assert float(r.tokens.sum()) == pytest.approx(inputs, rel=1e-4)
+    assert float(r.tokens.sum()) == pytest.approx(inputs, rel=1e-4, abs=1e-6)
+    assert r.grid == ((8, 8) if family.startswith("hybrid") else (4, 4))
 
 
 def test_view_computes_the_model_and_leaves_it_alone():
@@ -153,45 +181,18 @@ def test_model_unchanged_and_other_threads_unaffected(monkeypatch):
 
 
 def test_models_it_does_not_support():
-    """hybrid_vit, a CNN and a torchvision ViT with a module lxt's map does not cover: None,
-    and the method row says "not available" the way the others do (None)."""
+    """A Hugging Face ViT, a CNN, a timm ViT with an attention-pool head and a torchvision ViT
+    with a module the rules do not cover: None, and the method row says "not available" the
+    way the others do (None)."""
+    from tests.foreign_models import tiny_hf, tiny_timm
+
     x = images(1)
     odd = tiny_vit()
     odd.encoder.layers[0].mlp[1] = nn.SiLU()
-    for model in (create_model("hybrid_vit", depth=1).eval(), create_model("sa_cnn").eval(), odd):
+    others = [create_model("sa_cnn").eval(), odd, tiny_hf("vit")]
+    if importlib.util.find_spec("timm") is not None:
+        others.append(tiny_timm("vit", global_pool="map"))
+    for model in others:
         assert not lrp.supports(model) and lrp.attnlrp(model, x) is None
         assert explain.METHODS["attnlrp"](model, x) is None
-    assert lrp.supports(tiny_vit())
-
-
-def test_conservation_in_faithfulness_and_explain(tmp_path):
-    """``evaluate_methods`` scores AttnLRP with the other methods and adds its mean
-    conservation (the table shows it, — for the others); ``write_explanation`` (``visattn
-    explain``) stores it in maps.npz and says it in a note."""
-    import io
-
-    from PIL import Image
-
-    from visattn.faithfulness import evaluate_methods, markdown_table
-    from visattn.inference import prepare, write_explanation
-
-    model, x = tiny_vit(), images(3)
-    results = evaluate_methods(model, x, [1, 2, 3], methods=("attnlrp", "saliency", "random"), steps=4)
-    assert results["attnlrp"]["conservation"] == pytest.approx(float(lrp.attnlrp(model, x, [1, 2, 3]).conservation.mean()))
-    assert "conservation" not in results["saliency"] and 0 <= results["attnlrp"]["deletion_auc"] <= 1
-    rows = {line.split(" | ")[0].strip("| "): line for line in markdown_table(results).splitlines()}
-    assert "|ΣR − logit| / |logit|" in rows["method"] and rows["saliency"].count("—") == 1
-    assert f"{results['attnlrp']['conservation']:.3f}" in rows["attnlrp"]
-
-    meta = {"model": "vit", "classes": [f"c{i}" for i in range(10)], "mean": [0.5] * 3, "std": [0.25] * 3,
-            "image_size": SIDE}
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(buf, "PNG")
-    written, notes = write_explanation(model, meta, buf.getvalue(), tmp_path, ("attnlrp",))
-    tensor = prepare(buf.getvalue(), meta)[1]
-    e = explain.attnlrp(model, tensor, int(model(tensor).argmax(1)))
-    raw = np.load(tmp_path / "maps.npz")
-    np.testing.assert_allclose(raw["conservation/attnlrp"], e.conservation, rtol=1e-5)
-    np.testing.assert_allclose(raw["explain/attnlrp"], e.map, rtol=1e-5, atol=1e-7)
-    assert notes == [f"attnlrp: conservation |Σ relevance − logit| / |logit| = {float(e.conservation[0]):.2%}"]
-    assert tmp_path / "attnlrp.png" in written
+    assert lrp.supports(tiny_vit()) and lrp.supports(create_model("hybrid_vit", depth=1).eval())

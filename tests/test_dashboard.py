@@ -431,7 +431,7 @@ def test_compare_scores_each_map_beside_it_per_attention_layer():
     layers = at.selectbox(key="_w_attn_layer").options
     assert len(layers) == 4 and at.selectbox(key="_w_attn_layer").value == layers[-1]
     aucs = [m.value for m in at.markdown if m.value.startswith("deletion AUC")]
-    assert len(aucs) == len(explain.METHODS) - 1, aucs  # every method of the table but AttnLRP applies to hybrid_vit
+    assert len(aucs) == len(explain.METHODS), aucs  # every method of the table applies to hybrid_vit
     at.selectbox(key="_w_attn_layer").set_value(layers[0]).run()
     assert not at.exception and any(s.value == f"Attention ({layers[0]})" for s in at.subheader)
     after = [m.value for m in at.markdown if m.value.startswith("deletion AUC")]

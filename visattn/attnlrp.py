@@ -1,4 +1,4 @@
-"""AttnLRP (Achtibat et al., ICML 2024) for torchvision Vision Transformers, through lxt 2.1.
+"""AttnLRP (Achtibat et al., ICML 2024) for Vision Transformers, through lxt 2.1's rules.
 
 lxt's map for torchvision's ViT (``lxt.efficient.models.vit_torch.cp_LRP``) applies its
 rules as modified gradients, so that ``x ⊙ ∂logit/∂x`` is the LRP relevance of ``x``:
@@ -13,16 +13,19 @@ structural copy of the model (new module objects sharing the same parameter tens
 built under :func:`visattn.layers.model_lock`). The shared model, ``torch.nn`` and other
 threads never see them; no parameter ``.grad`` is written.
 
-Supported: every torchvision ``VisionTransformer`` whose modules are all of the kinds lxt's
-map and LRP-0 cover (:func:`supports`); lxt 2.1 has no map for timm or Hugging Face ViTs or
-for this project's hybrid_vit, so :func:`attnlrp` returns None for them.
+Supported (:func:`supports`): torchvision's ``VisionTransformer`` (lxt's own map), and, with
+the same rules, timm's ``VisionTransformer`` (token or average pooling; registers,
+distillation token, q/k norm, LayerScale) and hybrid_vit, whose attention computes queries
+and keys with one fused ``qkv`` layer: CP-LRP holds that layer's query and key parts
+constant, as lxt holds ``nn.MultiheadAttention``'s, and hybrid_vit's softmax pooling
+weights too. Anything else (Hugging Face models, other timm blocks or pools, CNNs) gets None.
 
-Relevance of a patch: the input pixels' relevance summed over channels and over the patch.
-Conservation: ``|Σ relevance − logit| / |logit|`` per image, Σ over all input pixels. The
-rules conserve relevance layer by layer except for what the additive terms keep (biases,
-class token, position embedding): input relevance plus theirs equals the logit to float
-precision, so the figure is the share of the logit that the additive terms absorb (0 for
-a model without them).
+Relevance of a patch: the input pixels' relevance summed over channels and over the pixels
+of its grid cell. Conservation: ``|Σ relevance − logit| / |logit|`` per image, Σ over all
+input pixels. The rules conserve relevance layer by layer except for what the additive
+terms keep (biases, class and register tokens, position embedding): input relevance plus
+theirs equals the logit to float precision, so the figure is the share of the logit that
+the additive terms absorb (0 for a model without them).
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from types import ModuleType
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from visattn.layers import model_lock
 from visattn.relevance import TokenRelevance, _targets
@@ -65,6 +69,11 @@ def _lxt_patches() -> ModuleType | None:
         del sys.modules["lxt.efficient"]
 
 
+def _rule_class(cls: type, forward) -> type:
+    return type(f"LXT{cls.__name__}", (cls,), {"forward": forward, "original_forward": cls.forward,
+                                               "__module__": __name__})
+
+
 def _rules() -> dict[type, type] | None:
     """``{torch module class: private subclass whose forward is lxt's rule}`` (None without lxt)."""
     global _RULES
@@ -73,44 +82,82 @@ def _rules() -> dict[type, type] | None:
             patches = _lxt_patches()
             if patches is None:
                 return None
-
-            def rule(cls: type, forward) -> type:
-                return type(f"LXT{cls.__name__}", (cls,), {"forward": forward, "original_forward": cls.forward,
-                                                           "__module__": __name__})
-
-            _RULES = {nn.GELU: rule(nn.GELU, patches.non_linear_forward),
-                      nn.Tanh: rule(nn.Tanh, patches.non_linear_forward),  # ViT pre-logits (representation_size)
-                      nn.LayerNorm: rule(nn.LayerNorm, patches.layer_norm_forward),
-                      nn.MultiheadAttention: rule(nn.MultiheadAttention, patches.cp_multi_head_attention_forward)}
+            _RULES = {nn.GELU: _rule_class(nn.GELU, patches.non_linear_forward),
+                      nn.Tanh: _rule_class(nn.Tanh, patches.non_linear_forward),  # torchvision pre-logits
+                      nn.LayerNorm: _rule_class(nn.LayerNorm, patches.layer_norm_forward),
+                      nn.MultiheadAttention: _rule_class(nn.MultiheadAttention, patches.cp_multi_head_attention_forward)}
         return _RULES
 
 
-def _linear_kinds() -> tuple[type, ...]:
-    """Modules that LRP-0 (Gradient×Input) covers as they are: linear or piecewise linear in eval mode."""
-    from torchvision.models.vision_transformer import Encoder, EncoderBlock, MLPBlock
+class _HeldQK(nn.Module):
+    """A fused ``qkv`` projection ([queries | keys | values] on the last axis) whose query and
+    key parts carry no relevance: CP-LRP's rule (lxt's ``stop_gradient``), as lxt applies it
+    to ``nn.MultiheadAttention``'s query and key."""
+
+    def __init__(self, qkv: nn.Module) -> None:
+        super().__init__()
+        self.qkv = qkv
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.qkv(x)
+        c = y.shape[-1] // 3
+        return torch.cat([y[..., : 2 * c].detach(), y[..., 2 * c :]], dim=-1)
+
+
+class _Held(nn.Module):
+    """A module whose output carries no relevance (the scores of hybrid_vit's softmax pooling:
+    the pooling weights held constant, as CP-LRP holds attention weights)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x).detach()
+
+
+def _kinds(model: nn.Module) -> tuple[set[type], set[type]] | None:
+    """(module classes allowed in ``model``, attention classes with a fused ``qkv``) for a
+    family lxt's rules cover; None for any other model."""
+    from torchvision.models.vision_transformer import Encoder, EncoderBlock, MLPBlock, VisionTransformer
     from torchvision.ops.misc import Conv2dNormActivation
 
-    return (Encoder, EncoderBlock, MLPBlock, Conv2dNormActivation, nn.Sequential, nn.Linear,
-            nn.modules.linear.NonDynamicallyQuantizableLinear, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Dropout,
-            nn.Identity)
+    from visattn.models.attention import TokenSelfAttention
+    from visattn.models.hybrid_vit import Block, HybridViT
+
+    linear = {nn.Sequential, nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear, nn.Conv2d,
+              nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Dropout, nn.Identity, nn.GELU, nn.Tanh, nn.LayerNorm}
+    if isinstance(model, VisionTransformer):
+        return linear | {Encoder, EncoderBlock, MLPBlock, Conv2dNormActivation, nn.MultiheadAttention}, set()
+    if isinstance(model, HybridViT):
+        return linear | {Block, TokenSelfAttention}, {TokenSelfAttention}
+    timm = sys.modules.get("timm")
+    if timm is not None and isinstance(model, timm.models.vision_transformer.VisionTransformer):
+        from timm.layers import Attention, DropPath, LayerNorm, LayerScale, Mlp, PatchDropout, PatchEmbed
+        from timm.models.vision_transformer import Block as TimmBlock
+
+        return linear | {TimmBlock, Attention, Mlp, PatchEmbed, LayerScale, DropPath, PatchDropout, LayerNorm}, {Attention}
+    return None
 
 
 def supports(model: nn.Module) -> bool:
-    """Whether AttnLRP applies: a torchvision ``VisionTransformer`` made only of modules whose
-    class lxt's ViT map patches (GELU, Tanh, LayerNorm, MultiheadAttention) or LRP-0 covers."""
-    from torchvision.models.vision_transformer import VisionTransformer
-
-    if not isinstance(model, VisionTransformer):
-        return False
-    known = set(_linear_kinds()) | {nn.GELU, nn.Tanh, nn.LayerNorm, nn.MultiheadAttention}
-    return all(type(m) in known for m in model.modules() if m is not model)
+    """Whether AttnLRP applies: a torchvision ``VisionTransformer``, a timm ``VisionTransformer``
+    or hybrid_vit, made only of modules that lxt's rules or LRP-0 cover (no other block,
+    pooling or activation)."""
+    kinds = _kinds(model)
+    return kinds is not None and all(type(m) in kinds[0] for m in model.modules() if m is not model)
 
 
-def _copy(module: nn.Module, rules: dict[type, type]) -> nn.Module:
+def _copy(module: nn.Module, rules: dict[type, type], fused: set[type]) -> nn.Module:
     clone = copy.copy(module)  # same parameters and buffers; its own child table, class and (no) hooks
-    clone._modules = {name: None if child is None else _copy(child, rules) for name, child in module._modules.items()}
+    clone._modules = {name: None if child is None else _copy(child, rules, fused)
+                      for name, child in module._modules.items()}
     clone.__dict__.update({k: type(v)() for k, v in vars(module).items() if "_hooks" in k and isinstance(v, dict)})
+    if isinstance(module, nn.LayerNorm) and type(module) not in rules:  # timm's LayerNorm subclass
+        rules.setdefault(type(module), _rule_class(type(module), rules[nn.LayerNorm].forward))
     clone.__class__ = rules.get(type(module), type(module))
+    if type(module) in fused:
+        clone._modules["qkv"] = _HeldQK(clone._modules["qkv"])
     clone.training = False
     return clone
 
@@ -123,7 +170,17 @@ def lrp_view(model: nn.Module) -> nn.Module | None:
     if rules is None or not supports(model):
         return None
     with model_lock(model):
-        return _copy(model, rules)
+        view = _copy(model, rules, _kinds(model)[1])
+    if isinstance(getattr(view, "pool", None), nn.Linear):  # hybrid_vit's softmax pooling
+        view._modules["pool"] = _Held(view._modules["pool"])
+    return view
+
+
+def _grid(model: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
+    from visattn.tokens import token_layout
+
+    layout = token_layout(model, hw)
+    return layout.grid if layout is not None else tuple(model.blocks[0].attn.grid)  # hybrid_vit
 
 
 def attnlrp(model: nn.Module, images: Tensor, targets: Tensor | list[int] | int | None = None) -> TokenRelevance | None:
@@ -147,8 +204,8 @@ def attnlrp(model: nn.Module, images: Tensor, targets: Tensor | list[int] | int 
         chosen = logits.gather(1, t[:, None])[:, 0]
         (grad,) = torch.autograd.grad(chosen.sum(), x)
     pixels = (x * grad).sum(1).detach()  # (B, H, W)
-    b, side, p = len(x), model.image_size // model.patch_size, model.patch_size
-    tokens = pixels.reshape(b, side, p, side, p).sum(dim=(2, 4)).reshape(b, side * side).float()
+    (h, w), area = _grid(model, tuple(x.shape[-2:])), x.shape[-2] * x.shape[-1]
+    tokens = (F.adaptive_avg_pool2d(pixels[:, None], (h, w))[:, 0] * (area / (h * w))).reshape(len(x), h * w).float()
     chosen = chosen.detach()
     conservation = (pixels.sum(dim=(1, 2)) - chosen).abs() / chosen.abs().clamp_min(1e-12)
-    return TokenRelevance(tokens, (side, side), 0, t.tolist(), conservation.float().cpu().numpy())
+    return TokenRelevance(tokens, (h, w), 0, t.tolist(), conservation.float().cpu().numpy())

@@ -309,12 +309,13 @@ def transformer_attribution(model: nn.Module, images: Tensor, target: Targets = 
 def attnlrp(model: nn.Module, images: Tensor, target: Targets = None) -> Explanation | None:
     """AttnLRP through lxt (Achtibat et al., ICML 2024): :func:`visattn.attnlrp.attnlrp`,
     patch relevance upsampled, ``conservation`` = |Σ relevance − logit| / |logit| per image.
-    None for a model lxt does not support (it supports torchvision ViTs).
+    None for a model it does not support (:func:`visattn.attnlrp.supports`: torchvision and
+    timm ViTs, hybrid_vit).
 
     >>> import torchvision
     >>> vit = torchvision.models.VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=10).eval()
     >>> e = attnlrp(vit, torch.rand(1, 3, 32, 32))
-    >>> e.map.shape, e.conservation.shape, attnlrp(create_model("hybrid_vit").eval(), torch.rand(1, 3, 32, 32))
+    >>> e.map.shape, e.conservation.shape, attnlrp(create_model("sa_cnn").eval(), torch.rand(1, 3, 32, 32))
     ((32, 32), (1,), None)
     """
     return _relevance("attnlrp", model, images, target)
