@@ -83,7 +83,7 @@ def break_it(handle, choice, analysis, les, layer: str) -> None:
             + (" — changed!" if before != after else "") + f" &nbsp; <small>({what})</small>")
         left, right = st.columns(2)
         for column, side, p, title, weights in ((left, "before", analysis.probs, "unbroken", unbroken),
-                                                (right, "after", probs, what, row)):
+                                                (right, "after", probs, "broken", row)):
             with column:
                 fig = plotting.topk_bar_figure(analysis.classes, p, k=k)
                 fig.update_layout(title=f"top-{k}, {title}")

@@ -54,7 +54,8 @@ def shown_vs_library(at, data: bytes, what: str, **breaks) -> None:
     trace = broken(handle.model, x, **breaks)
     probs = trace.logits[0].softmax(-1).numpy()
     figs = figures(at)
-    bars = figs[f"top-5, {what}"]
+    assert any(what in m.value for m in at.markdown if m.value.startswith("<div")), what  # the line above the charts
+    bars = figs["top-5, broken"]
     top = np.argsort(-probs, kind="stable")[:5]
     assert list(bars.data[0].text) == [f"{p * 100:.1f}%" for p in probs[top]]
     np.testing.assert_allclose(values(bars.data[0].x), probs[top] * 100, rtol=1e-5)
@@ -63,7 +64,7 @@ def shown_vs_library(at, data: bytes, what: str, **breaks) -> None:
     site = trace.attention[layer]
     token = query_token(site, at.session_state["query_yx"])
     les = lesson(site, token, 0)
-    np.testing.assert_allclose(values(figs[f"attention weights, {what}"].data[0].z),
+    np.testing.assert_allclose(values(figs["attention weights, broken"].data[0].z),
                                les.to_grid(site.row(0, token)[0].numpy()), atol=1e-6)
     assert not np.allclose(values(bars.data[0].x), values(figs["top-5, unbroken"].data[0].x), rtol=1e-6)
 
@@ -78,7 +79,7 @@ def test_break_it_shows_the_library_s_broken_prediction():
     at.checkbox(key="break_sqrt_d").check()
     at.run()
     assert not at.exception and not at.error, (problems(at), errors(at))
-    shown_vs_library(at, data, "scores ×10 without 1/√d_k", scale=10.0, sqrt_d=False)
+    shown_vs_library(at, data, "scores ×10, not divided by √d_k", scale=10.0, sqrt_d=False)
     handle = at.session_state["model_handle"]
     layer = at.session_state["layer"]
     at.select_slider(key="break_scale").set_value(1.0)

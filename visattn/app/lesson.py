@@ -142,13 +142,15 @@ def breaks_line(scale: float, sqrt_d: bool, positions: bool, heads: dict[str, li
     """What is broken, in words ("" when nothing is).
 
     >>> breaks_line(5.0, False, False, {"blocks.0.attn": [1, 2]})
-    'scores ×5 without 1/√d_k · positions off · 2 heads removed'
-    >>> breaks_line(1.0, True, True, {})
-    ''
+    'scores ×5, not divided by √d_k · positions off · 2 heads removed'
+    >>> breaks_line(1.0, False, True, {}), breaks_line(1.0, True, True, {})
+    ('scores not divided by √d_k', '')
     """
     parts = []
-    if scale != 1.0 or not sqrt_d:
-        parts.append(f"scores ×{scale:g}" + ("" if sqrt_d else " without 1/√d_k"))
+    if scale != 1.0:
+        parts.append(f"scores ×{scale:g}" + ("" if sqrt_d else ", not divided by √d_k"))
+    elif not sqrt_d:
+        parts.append("scores not divided by √d_k")
     if not positions:
         parts.append("positions off")
     n = sum(len(h) for h in heads.values())
@@ -157,17 +159,26 @@ def breaks_line(scale: float, sqrt_d: bool, positions: bool, heads: dict[str, li
     return " · ".join(parts)
 
 
+_OFF = {"learned absolute": "its values read as zeros", "relative bias": "its bias reads as zeros",
+        "sinusoidal": "the code is not added"}
+
+
 def positions_text(found: list[PositionEncoding], model: str = "This model") -> str:
     """What switching positions off means for this model, in one sentence.
 
+    >>> from visattn.positions import PositionEncoding
+    >>> positions_text([PositionEncoding("stages.1.1", "sinusoidal")], "sa_cnn")
+    'sa_cnn has a sinusoidal code in `stages.1.1`; switched off, the code is not added.'
     >>> positions_text([])[:60]
     'This model has no position encoding: it can tell where thing'
     """
-    tables = [str(p) for p in found if p.switchable]
+    switchable = [p for p in found if p.switchable]
     rotary = [p.name for p in found if not p.switchable]
-    if tables:
-        text = f"{model} has {', '.join(tables[:3])}{f' and {len(tables) - 3} more' if len(tables) > 3 else ''}: " \
-               "switched off, every table reads as zeros and no sinusoidal code is added."
+    if switchable:
+        kinds = sorted({p.kind for p in switchable})
+        named = ", ".join((f"a sinusoidal code in `{p.name}`" if p.kind == "sinusoidal" else f"a {p}")
+                          for p in switchable[:3]) + (f" and {len(switchable) - 3} more" if len(switchable) > 3 else "")
+        text = f"{model} has {named}; switched off, {' and '.join(_OFF[k] for k in kinds)}."
         return text + (f" Its rotary embeddings ({', '.join(rotary)}) stay on." if rotary else "")
     if rotary:
         return f"{model} turns Q and K by rotary embeddings ({', '.join(rotary)}), which cannot be switched off here."
