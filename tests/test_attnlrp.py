@@ -181,15 +181,17 @@ def test_model_unchanged_and_other_threads_unaffected(monkeypatch):
 
 
 def test_models_it_does_not_support():
-    """A Hugging Face ViT, a CNN, a timm ViT with an attention-pool head and a torchvision ViT
-    with a module the rules do not cover: None, and the method row says "not available" the
+    """A Hugging Face ViT, a CNN, a timm ViT with an attention-pool head, a torchvision ViT
+    with a module the rules do not cover and an attention without a fused qkv layer: None, and the method row says "not available" the
     way the others do (None)."""
     from tests.foreign_models import tiny_hf, tiny_timm
 
     x = images(1)
     odd = tiny_vit()
     odd.encoder.layers[0].mlp[1] = nn.SiLU()
-    others = [create_model("sa_cnn").eval(), odd, tiny_hf("vit")]
+    unfused = create_model("hybrid_vit", depth=1).eval()
+    unfused.blocks[0].attn.qkv = nn.Identity()  # no fused query-key-value layer to hold
+    others = [create_model("sa_cnn").eval(), odd, unfused, tiny_hf("vit")]
     if importlib.util.find_spec("timm") is not None:
         others.append(tiny_timm("vit", global_pool="map"))
     for model in others:

@@ -145,7 +145,8 @@ def supports(model: nn.Module) -> bool:
     or hybrid_vit, made only of modules that lxt's rules or LRP-0 cover (no other block,
     pooling or activation)."""
     kinds = _kinds(model)
-    return kinds is not None and all(type(m) in kinds[0] for m in model.modules() if m is not model)
+    return kinds is not None and all(type(m) in kinds[0] and (type(m) not in kinds[1] or isinstance(
+        m._modules.get("qkv"), nn.Linear)) for m in model.modules() if m is not model)
 
 
 def _copy(module: nn.Module, rules: dict[type, type], fused: set[type]) -> nn.Module:
