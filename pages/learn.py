@@ -58,6 +58,9 @@ def break_it(handle, choice, analysis, les, layer: str) -> None:
                                  "smaller makes them flatter.")
         sqrt_d = not st.checkbox("Do not divide by √d_k", key="break_sqrt_d",
                                  help="Dot-product layers only; a cosine layer keeps its learned temperature.")
+        if not sqrt_d and all(site.similarity == "cosine" for site in analysis.trace.attention.values()):
+            st.caption("Every attention layer of this model compares by cosine similarity, with a learned "
+                       "temperature: there is no √d_k to leave out.")
     found = position_encodings(handle.model)
     with c2:
         positions = not st.toggle("Position encoding off", key="break_positions")

@@ -91,9 +91,10 @@ def test_break_it_shows_the_library_s_broken_prediction():
     shown_vs_library(at, data, "positions off · 2 heads removed", positions=False, heads={layer: [1, 3]})
 
 
-def tiny_checkpoint(pos_encoding: str) -> bytes:
+def tiny_checkpoint(pos_encoding: str, similarity: str) -> bytes:
     """A visattn checkpoint of a small sa_cnn (random weights) as uploaded bytes."""
-    config = {"widths": [8, 16, 16], "heads": 2, "attn_stages": [1], "pos_encoding": pos_encoding, "gate_init": 1.0}
+    config = {"widths": [8, 16, 16], "heads": 2, "attn_stages": [1], "pos_encoding": pos_encoding,
+              "similarity": similarity, "gate_init": 1.0}
     model = create_model("sa_cnn", **config)
     with torch.no_grad():  # every weight random (the whitening stem is zero until fitted to data)
         for p in model.parameters():
@@ -105,10 +106,12 @@ def tiny_checkpoint(pos_encoding: str) -> bytes:
 
 
 def test_positions_off_on_a_model_without_them_is_one_line():
+    """A cosine sa_cnn without positions: switching them off is one error line, leaving out √d_k
+    is explained as not applying, and ×5 (the learned temperature ×5) is shown as the library gives it."""
     at = app("learn")
     at.session_state["model_source"] = "Upload .safetensors"
     at.run()
-    at.file_uploader(key="checkpoint_upload").set_value(("none.safetensors", tiny_checkpoint("none"),
+    at.file_uploader(key="checkpoint_upload").set_value(("none.safetensors", tiny_checkpoint("none", "cosine"),
                                                          "application/octet-stream"))
     data = valid_jpeg(48, 40)
     open_learn(at, "photo.jpg", data)
@@ -119,6 +122,9 @@ def test_positions_off_on_a_model_without_them_is_one_line():
     assert len(at.error) == 1 and "\n" not in at.error[0].value, errors(at)
     assert "no position table or sinusoidal code to switch off" in at.error[0].value
     at.toggle(key="break_positions").set_value(False)
+    at.checkbox(key="break_sqrt_d").check().run()
+    assert any("there is no √d_k to leave out" in c.value for c in at.caption)
+    at.checkbox(key="break_sqrt_d").uncheck()
     at.select_slider(key="break_scale").set_value(5.0).run()  # the page lives on: the next break works
     assert not at.exception and not at.error, (problems(at), errors(at))
     shown_vs_library(at, data, "scores ×5", scale=5.0)
