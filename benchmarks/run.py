@@ -521,6 +521,12 @@ def bench_tabs_section() -> list[dict]:
     return bench_tabs()
 
 
+def bench_tabs_server_section() -> list[dict]:
+    from benchmarks.tabs import bench_server_cpu
+
+    return bench_server_cpu()
+
+
 # ----------------------------------------------------------------------------- atlas and offline session
 def bench_atlas(n: int = 1000) -> list[dict]:
     """Extraction of Q and K for the atlas (1,000 test images) against a plain forward pass of
@@ -609,7 +615,7 @@ def bench_atlas_open(n: int = 1000) -> list[dict]:
 SECTIONS = {"capture": bench_capture, "foreign_capture": bench_foreign_capture, "train": bench_train,
             "train_form": bench_train_form, "explain": bench_explain, "attnlrp": bench_attnlrp, "heads": bench_heads,
             "break": bench_break, "relevance": bench_relevance,
-            "dashboard": bench_dashboard, "sessions": bench_sessions_section, "tabs": bench_tabs_section,
+            "dashboard": bench_dashboard, "sessions": bench_sessions_section, "tabs": bench_tabs_section, "tabs_server": bench_tabs_server_section,
             "scaling": bench_scaling, "atlas": bench_atlas, "atlas_open": bench_atlas_open}
 
 

@@ -357,6 +357,49 @@ def sweep(counts: list[int], workdir: Path, check: bool = False) -> list[dict[st
     return rows
 
 
+def server_cpu_per_upload(files: list[Path], workdir: Path, args: list[str] | None = None) -> tuple[float, float]:
+    """One server (one thread, ``args`` added to its command line) and one tab: the server's CPU
+    seconds per upload and the median upload-to-settled latency over ``files[1:]`` (``files[0]``
+    warms up)."""
+    url, proc = start_server(env={"OMP_NUM_THREADS": "1"}, args=args)
+    driver = chrome(workdir / "chrome")
+    try:
+        handle = open_tab(driver, url, first=True)
+        upload_all(driver, [handle], files[:1])
+        collect(driver, [handle], files[:1])
+        before, latencies = cpu_seconds(proc.pid), []
+        for path in files[1:]:
+            driver.execute_script(WATCH)
+            upload_all(driver, [handle], [path])
+            latencies.append(collect(driver, [handle], [path])[0].latency)
+        return (cpu_seconds(proc.pid) - before) / len(latencies), statistics.median(latencies)
+    finally:
+        driver.quit()
+        stop(proc)
+
+
+def bench_server_cpu(uploads: int = 8, rounds: int = 2) -> list[dict[str, Any]]:
+    """``make bench``: the server's CPU per upload with the repository's config (no garbage
+    collection after every rerun) against Streamlit's default (``--runner.postScriptGC true``),
+    in alternating rounds; min over rounds."""
+    import tempfile
+
+    if not (HAVE_BROWSER and DEFAULT_CKPT.is_file()):
+        raise FileNotFoundError("needs Debian's chromium, chromium-driver and checkpoints/sa_cnn.safetensors")
+    runs: dict[str, list[tuple[float, float]]] = {"ours": [], "gc": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = photos(uploads + 1, Path(tmp) / "photos")
+        for _ in range(rounds):
+            runs["ours"].append(server_cpu_per_upload(files, Path(tmp) / "a"))
+            runs["gc"].append(server_cpu_per_upload(files, Path(tmp) / "b", ["--runner.postScriptGC", "true"]))
+    ours, gc = min(runs["ours"]), min(runs["gc"])
+    return [{"what": "server CPU per upload, one tab (real server and Chromium, one thread)",
+             "baseline": "Streamlit's default: a full garbage collection after every rerun",
+             "seconds": ours[0], "baseline_seconds": gc[0], "ratio": ours[0] / gc[0],
+             "target": f"median upload-to-settled {ours[1]:.2f} s against {gc[1]:.2f} s",
+             "rounds": runs}]
+
+
 def bench_tabs(counts: tuple[int, ...] = (1, 8, 16, 32)) -> list[dict[str, Any]]:
     """``make bench``: p50 and p95 upload-to-settled latency of N tabs at once, against one tab
     alone, all in one run (rows in ``benchmarks/run.py``'s format). Target: 16 tabs p95 <= 3× one tab."""
