@@ -372,6 +372,27 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 
+def why_unavailable(model: nn.Module, images: Tensor, name: str, has_attention: bool) -> str | None:
+    """Why method ``name`` gave no map for ``model`` on ``images`` (B, 3, H, W), as a clause for
+    "not available for this model: ..."; None when there is nothing more specific to say.
+
+    >>> from visattn.models import create_model
+    >>> why_unavailable(create_model("sa_cnn"), torch.zeros(1, 3, 32, 32), "rollout", False)
+    'it has no self-attention layers'
+    >>> why_unavailable(create_model("sa_cnn"), torch.zeros(1, 3, 32, 32), "attnlrp", True)[:46]
+    "lxt's rules know torchvision and timm ViTs and"
+    """
+    from visattn.relevance import unsupported
+
+    if not has_attention:
+        return "it has no self-attention layers"
+    if name == "transformer_attribution":
+        return unsupported(model, tuple(images.shape[-2:]))
+    if name == "attnlrp":
+        return "lxt's rules know torchvision and timm ViTs and hybrid_vit, not this model's modules"
+    return None
+
+
 def method(name: str) -> Method:
     """The row of :data:`METHODS` called ``name``; one :class:`ExplainError` line otherwise.
 

@@ -179,7 +179,8 @@ def write_explanation(model: nn.Module, meta: dict[str, Any], image: Source, out
     for row in rows:
         e = row(model, a.tensor.to(next(model.parameters()).device), a.predicted)
         if e is None:
-            notes.append(f"{row.name}: not available for this model")
+            reason = explain.why_unavailable(model, a.tensor, row.name, bool(a.trace.attention))
+            notes.append(f"{row.name}: not available for this model" + (f": {reason}" if reason else ""))
             continue
         raw[f"explain/{row.name}"] = e.map
         if e.conservation is not None:

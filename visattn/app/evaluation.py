@@ -113,11 +113,9 @@ def not_available(model: nn.Module, tensor: torch.Tensor, method: str, has_atten
     >>> not_available(create_model("sa_cnn"), torch.zeros(1, 3, 32, 32), "transformer_attribution", True)[:53]
     'Not available for this model: it is not a transformer'
     """
-    from visattn.relevance import unsupported
+    from visattn.explain import why_unavailable
 
-    reason = None if has_attention else "it has no self-attention layers"
-    if reason is None and method == "transformer_attribution":
-        reason = unsupported(model, tuple(tensor.shape[-2:]))
+    reason = why_unavailable(model, tensor, method, has_attention)
     return "Not available for this model" + (f": {reason}." if reason else ".")
 
 
