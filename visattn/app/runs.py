@@ -55,8 +55,8 @@ DEFAULT_FORM: dict[str, Any] = {"model": "sa_cnn", "epochs": 3, "width": 32, "he
 FORM_GATE = 1.0
 #: Cosine similarity starts at temperature 1 (rows almost uniform: probe entropy 4.15 of 4.16), and
 #: the temperature and relative-position table learn at FORM_ATTN_LR_SCALE times the learning rate,
-#: so what attention learns to look at shows within the run (their gradients are thousands of times
-#: smaller than the convolutions'; at 1x the entropy stayed at 4.14 for 3 epochs).
+#: so what attention learns to look at shows within the run (at 1x, 3 epochs moved the temperature
+#: from 1.00 to 1.07 and the entropy stayed at 4.14).
 FORM_TEMPERATURE = 1.0
 FORM_ATTN_LR_SCALE = 1000.0
 MIN_IMAGES = 512  # one batch
