@@ -62,7 +62,8 @@ def reproduce_command(meta: dict[str, Any]) -> str:
 
     cfg = meta.get("train_config") or {}
     defaults = TrainConfig()
-    recipe = ("init", "optimizer", "lr", "weight_decay", "attn_lr_scale", "batch_size", "label_smoothing", "cutout", "lookahead", "seed")
+    recipe = ("init", "optimizer", "lr", "weight_decay", "attn_lr_scale", "batch_size", "label_smoothing", "cutout",
+              "lookahead", "seed")
     parts = [f"visattn train --model {meta['model']}"]
     parts += [f"--set \"{k}={tuple(v) if isinstance(v, list) else v}\"" for k, v in cfg.get("model_config", {}).items()]
     parts += [f"--{k.replace('_', '-')} {cfg[k]}" for k in recipe
@@ -290,9 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override, repeatable")
     t.add_argument("--resume", action="store_true", help="continue from OUT's .state.safetensors")
-    for name, typ in [("optimizer", str), ("epochs", int), ("batch-size", int), ("lr", float), ("weight-decay", float), ("attn-lr-scale", float), ("label-smoothing", float),
-                      ("cutout", int), ("lookahead", float), ("init", str), ("subset", int), ("eval-subset", int), ("seed", int), ("cache", str), ("stop-after", int),
-                      ("probe", str)]:
+    for name, typ in [("optimizer", str), ("epochs", int), ("batch-size", int), ("lr", float), ("weight-decay", float),
+                      ("attn-lr-scale", float), ("label-smoothing", float), ("cutout", int), ("lookahead", float),
+                      ("init", str), ("subset", int), ("eval-subset", int), ("seed", int), ("cache", str),
+                      ("stop-after", int), ("probe", str)]:
         t.add_argument(f"--{name}", type=typ)
     t.add_argument("--compile", action="store_true", default=None)
     t.add_argument("--no-amp", dest="amp", action="store_false", default=None,
