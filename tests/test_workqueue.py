@@ -47,6 +47,8 @@ def test_one_at_a_time_first_come_first_served() -> None:
     assert q.busy() == (1, 2) and log == ["a"]
     for i, job in enumerate(jobs):
         assert job.started.is_set() and not any(j.started.is_set() for j in jobs[i + 1:])
+        # each waiting job has been told its turn before the running one ends (it may be woken late)
+        until(lambda: all(j.waits[-1:] == [k + 1] for k, j in enumerate(jobs[i + 1:])))
         job.release.set()
         job.join(5)
         if i + 1 < len(jobs):
