@@ -314,3 +314,45 @@ def test_attention_shape_learns_at_its_own_rate() -> None:
         assert plain[name].abs().max() > 0
         torch.testing.assert_close(fast[name], 250.0 * plain[name], rtol=1e-4, atol=1e-9)
     torch.testing.assert_close(fast["stages.0.1.q.weight"], plain["stages.0.1.q.weight"])
+
+
+def test_optimiser_state_resumes_by_parameter_name(tmp_path: Path) -> None:
+    """The saved momentum of each parameter comes back on that parameter, whatever order the
+    optimiser groups them in; a file keyed by position in another grouping is refused in one line."""
+    from visattn.checkpoint import tensors_to_bytes
+    from visattn.models import create_model
+    from visattn.train import load_state, make_optimizer, save_state, set_lr
+
+    torch.manual_seed(0)
+    kw = dict(widths=(8, 16), attn_stages=(0,), stem_stride=2, heads=1, similarity="cosine", pos_encoding="relative")
+    model, config = create_model("sa_cnn", **kw), TrainConfig(attn_lr_scale=10.0)
+    opt = make_optimizer(model, config)
+    set_lr(opt, 0.01)
+    model(torch.randn(4, 3, 32, 32)).logsumexp(1).mean().backward()
+    opt.step()
+    momentum = {n: opt.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()
+                if "momentum_buffer" in opt.state.get(p, {})}  # (parameters without a gradient have none)
+    assert {"stages.0.1.log_temperature", "stages.0.1.rel_bias.table", "stages.0.1.q.weight"} <= set(momentum)
+    save_state(tmp_path / "s.safetensors", model, opt, 1, config, {})
+
+    again = create_model("sa_cnn", **kw)
+    reordered = make_optimizer(again, config)
+    reordered.param_groups.reverse()  # another grouping order: positions no longer match
+    assert load_state(tmp_path / "s.safetensors", again, reordered)[0] == 1
+    for n, p in again.named_parameters():
+        if n in momentum:
+            assert torch.equal(reordered.state[p]["momentum_buffer"], momentum[n])
+        else:
+            assert p not in reordered.state
+
+    # before attention's shape had its own group, the state was keyed by position in two groups
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    old_order = opt.param_groups[0]["params"] + [p for p in model.parameters()
+                                                 if p.requires_grad and id(p) not in decayed]
+    tensors = {k: v for k, v in load_file(tmp_path / "s.safetensors").items() if not k.startswith("optim/")}
+    tensors.update({f"opt.{i}.momentum_buffer": opt.state[p]["momentum_buffer"] for i, p in enumerate(old_order)
+                    if p in opt.state})
+    (tmp_path / "old.safetensors").write_bytes(tensors_to_bytes(tensors, {"epoch": 1, "train": {}, "log": {}}))
+    with pytest.raises(TrainingError, match="saved by an older visattn") as e:
+        load_state(tmp_path / "old.safetensors", again, make_optimizer(again, config))
+    assert "\n" not in str(e.value)

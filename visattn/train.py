@@ -177,7 +177,7 @@ def per_class_accuracy(confusion: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- optimiser and schedule
-NO_DECAY = ("pos_embed", "rel_bias.table")  # parameters with 2+ dimensions kept out of weight decay
+NO_DECAY = ("pos_embed",)  # parameters with 2+ dimensions kept out of weight decay (it pulls attention to uniform)
 ATTN_SHAPE = ("log_temperature", "rel_bias.table")  # what sets how peaked attention rows are
 
 
@@ -186,7 +186,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     (:data:`ATTN_SHAPE`) at ``cfg.attn_lr_scale`` times the learning rate (each group's ``lr_scale``)."""
     decay, no_decay, shape = [], [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:  # no decay on norms, biases, gates and position tables (it pulls attention to uniform)
+        if not p.requires_grad:
             continue
         if any(k in name for k in ATTN_SHAPE):
             shape.append(p)
@@ -201,6 +201,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer != "sgd":
         raise TrainingError(f"unknown optimizer {cfg.optimizer!r}: use sgd or adamw")
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+
+
+def _param_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter of ``opt``, in the order of its state dict's indices."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -249,10 +255,11 @@ def save_state(
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     if lookahead is not None:
         tensors.update({f"lookahead.{k}": v for k, v in lookahead.average.items()})
+    names = _param_names(model, opt)
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"opt.{i}.{k}"] = v
+                tensors[f"optim/{names[i]}/{k}"] = v
     atomic_write(path, tensors_to_bytes(tensors, {"epoch": epoch, "train": asdict(cfg), "log": log}))
 
 
@@ -267,9 +274,20 @@ def load_state(
         for k, avg in lookahead.average.items():
             avg.copy_(tensors[f"lookahead.{k}"])
     sd = opt.state_dict()
+    index = {name: i for i, name in enumerate(_param_names(model, opt))}
+    params = [p for g in opt.param_groups for p in g["params"]]
     for k, v in tensors.items():
-        if k.startswith("opt."):
+        if k.startswith("optim/"):  # keyed by parameter name: any grouping of the parameters resumes
+            _, pname, name = k.split("/")
+            if pname not in index:
+                raise TrainingError(f"{path} holds optimiser state for {pname!r}, which this model has no "
+                                    "trainable parameter of; start a new run instead of --resume")
+            sd["state"].setdefault(index[pname], {})[name] = v
+        elif k.startswith("opt."):  # older files, keyed by position in the optimiser's groups
             _, i, name = k.split(".", 2)
+            if name != "step" and (int(i) >= len(params) or v.shape != params[int(i)].shape):
+                raise TrainingError(f"{path} was saved by an older visattn that grouped the parameters differently; "
+                                    "it cannot be resumed: start a new run (its checkpoint still loads)")
             sd["state"].setdefault(int(i), {})[name] = v
     opt.load_state_dict(sd)
     return int(meta["epoch"]), meta.get("log", {})
