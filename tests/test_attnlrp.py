@@ -194,7 +194,12 @@ def test_models_it_does_not_support():
     others = [create_model("sa_cnn").eval(), odd, unfused, tiny_hf("vit")]
     if importlib.util.find_spec("timm") is not None:
         others.append(tiny_timm("vit", global_pool="map"))
-    for model in others:
+    reasons = ["not to a SACNN", "its encoder.layers.encoder_layer_0.mlp.1 (SiLU) is a module that no LRP rule",
+               "its blocks.0.attn has no fused query-key-value layer", "not to a ViTForImageClassification (lxt "
+               "patches Hugging Face models process-wide", "its attn_pool (AttentionPoolLatent) is a module that"]
+    for model, reason in zip(others, reasons):
         assert not lrp.supports(model) and lrp.attnlrp(model, x) is None
         assert explain.METHODS["attnlrp"](model, x) is None
+        why = explain.why_unavailable(model, x, "attnlrp", True)
+        assert why == lrp.unsupported(model) and reason in why and "\n" not in why
     assert lrp.supports(tiny_vit()) and lrp.supports(create_model("hybrid_vit", depth=1).eval())

@@ -116,6 +116,9 @@ class _Held(nn.Module):
         return self.inner(x).detach()
 
 
+FAMILIES = "torchvision and timm ViTs and hybrid_vit"  # what lxt's rules are applied to here
+
+
 def _kinds(model: nn.Module) -> tuple[set[type], set[type]] | None:
     """(module classes allowed in ``model``, attention classes with a fused ``qkv``) for a
     family lxt's rules cover; None for any other model."""
@@ -140,13 +143,35 @@ def _kinds(model: nn.Module) -> tuple[set[type], set[type]] | None:
     return None
 
 
-def supports(model: nn.Module) -> bool:
-    """Whether AttnLRP applies: a torchvision ``VisionTransformer``, a timm ``VisionTransformer``
-    or hybrid_vit, made only of modules that lxt's rules or LRP-0 cover (no other block,
-    pooling or activation)."""
+def unsupported(model: nn.Module) -> str | None:
+    """Why AttnLRP does not apply to ``model``, as a clause; None when it does: a torchvision
+    or timm ``VisionTransformer`` or hybrid_vit, made only of modules that lxt's rules or
+    LRP-0 cover (no other block, pooling or activation), with lxt installed.
+
+    >>> from visattn import create_model
+    >>> unsupported(create_model("hybrid_vit", depth=1)) is None
+    True
+    >>> unsupported(create_model("sa_cnn"))
+    "lxt's rules are applied to torchvision and timm ViTs and hybrid_vit, not to a SACNN"
+    """
     kinds = _kinds(model)
-    return kinds is not None and all(type(m) in kinds[0] and (type(m) not in kinds[1] or isinstance(
-        m._modules.get("qkv"), nn.Linear)) for m in model.modules() if m is not model)
+    if kinds is None:
+        hf = type(model).__module__.startswith("transformers.")
+        return (f"lxt's rules are applied to {FAMILIES}, not to a {type(model).__name__}"
+                + (" (lxt patches Hugging Face models process-wide, which a shared server cannot allow)" if hf else ""))
+    for name, m in model.named_modules():
+        if m is not model and type(m) not in kinds[0]:
+            return f"its {name} ({type(m).__name__}) is a module that no LRP rule here covers"
+        if type(m) in kinds[1] and not isinstance(m._modules.get("qkv"), nn.Linear):
+            return f"its {name} has no fused query-key-value layer to hold"
+    if _rules() is None:
+        return "lxt is not installed (pip install lxt==2.1)"
+    return None
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether AttnLRP applies to ``model`` (:func:`unsupported` gives the reason when not)."""
+    return unsupported(model) is None
 
 
 def _copy(module: nn.Module, rules: dict[type, type], fused: set[type]) -> nn.Module:
@@ -167,9 +192,9 @@ def lrp_view(model: nn.Module) -> nn.Module | None:
     """A private copy of ``model`` (new module objects without hooks, the same parameter
     tensors, eval mode) that computes the same logits with lxt's rules as its gradients;
     None when lxt is missing or the model is not supported (:func:`supports`)."""
-    rules = _rules()
-    if rules is None or not supports(model):
+    if not supports(model):
         return None
+    rules = _rules()
     with model_lock(model):
         view = _copy(model, rules, _kinds(model)[1])
     if isinstance(getattr(view, "pool", None), nn.Linear):  # hybrid_vit's softmax pooling

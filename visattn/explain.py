@@ -379,9 +379,10 @@ def why_unavailable(model: nn.Module, images: Tensor, name: str, has_attention: 
     >>> from visattn.models import create_model
     >>> why_unavailable(create_model("sa_cnn"), torch.zeros(1, 3, 32, 32), "rollout", False)
     'it has no self-attention layers'
-    >>> why_unavailable(create_model("sa_cnn"), torch.zeros(1, 3, 32, 32), "attnlrp", True)[:46]
-    "lxt's rules know torchvision and timm ViTs and"
+    >>> why_unavailable(create_model("sa_cnn"), torch.zeros(1, 3, 32, 32), "attnlrp", True)
+    "lxt's rules are applied to torchvision and timm ViTs and hybrid_vit, not to a SACNN"
     """
+    from visattn.attnlrp import unsupported as lrp_unsupported
     from visattn.relevance import unsupported
 
     if not has_attention:
@@ -389,7 +390,7 @@ def why_unavailable(model: nn.Module, images: Tensor, name: str, has_attention: 
     if name == "transformer_attribution":
         return unsupported(model, tuple(images.shape[-2:]))
     if name == "attnlrp":
-        return "lxt's rules know torchvision and timm ViTs and hybrid_vit, not this model's modules"
+        return lrp_unsupported(model)
     return None
 
 
