@@ -615,8 +615,8 @@ def bench_atlas_open(n: int = 1000) -> list[dict]:
 
 SECTIONS = {"capture": bench_capture, "foreign_capture": bench_foreign_capture, "train": bench_train,
             "train_form": bench_train_form, "explain": bench_explain, "attnlrp": bench_attnlrp, "heads": bench_heads,
-            "break": bench_break, "relevance": bench_relevance,
-            "dashboard": bench_dashboard, "sessions": bench_sessions_section, "tabs": bench_tabs_section, "tabs_server": bench_tabs_server_section,
+            "break": bench_break, "relevance": bench_relevance, "dashboard": bench_dashboard,
+            "sessions": bench_sessions_section, "tabs": bench_tabs_section, "tabs_server": bench_tabs_server_section,
             "scaling": bench_scaling, "atlas": bench_atlas, "atlas_open": bench_atlas_open}
 
 
@@ -625,21 +625,34 @@ def main() -> None:
     p.add_argument("--only", nargs="*", choices=sorted(SECTIONS), default=None)
     args = p.parse_args()
     torch.manual_seed(0)
-    results: dict[str, list[dict]] = {}
+    results: dict[str, tuple[list[dict], str, float]] = {}
     for name in args.only or SECTIONS:
         print(f"running {name} ...", flush=True)
-        results[name] = SECTIONS[name]()
-    old = json.loads((OUT / "results.json").read_text()) if (OUT / "results.json").exists() else {}
+        start, load = dt.datetime.now().isoformat(timespec="seconds"), os.getloadavg()[0]
+        results[name] = SECTIONS[name](), start, load
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    data = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine,
-            "sections": {**old.get("sections", {}), **results}}
-    (OUT / "results.json").write_text(json.dumps(data, indent=2))
-    lines = [f"# Benchmark results\n\n{data['date']}, {machine}, "
-             f"CUDA: {torch.cuda.is_available()}.\n\n| what | time | baseline | ratio | target / notes |\n|---|---|---|---|---|"]
-    for rows in data["sections"].values():
-        lines += [fmt(r) for r in rows]
-    (OUT / "results.md").write_text("\n".join(lines) + "\n\n![scaling](scaling.png)\n")
-    print("\n".join(lines))
+    cuda = "CUDA" if torch.cuda.is_available() else "no CUDA"
+    old = json.loads((OUT / "results.json").read_text()) if (OUT / "results.json").exists() else {}
+    sections = old.get("sections", {})
+    for name, (rows, start, load) in results.items():
+        sections[name] = {"date": start, "machine": f"{machine}, {cuda}", "load": load, "rows": rows}
+    (OUT / "results.json").write_text(json.dumps({"sections": sections}, indent=2))
+    (OUT / "results.md").write_text(results_md(sections))
+    print((OUT / "results.md").read_text())
+
+
+def results_md(sections: dict[str, dict]) -> str:
+    """``results.md``: one table per section, headed by when, where and at what load it ran
+    (sections are rerun one at a time with ``--only``, so their dates differ)."""
+    lines = ["# Benchmark results", "",
+             "Each section as last run by `python -m benchmarks.run [--only SECTION ...]`: its start, the machine, "
+             "and the 1-minute load average when it started (2 cores: a load above 2 means a shared CPU).", ""]
+    for name, s in sections.items():
+        load = "" if s.get("load") is None else f", load {s['load']:.1f}"
+        lines += [f"## {name}", "", f"{s['date']}, {s['machine']}{load}." + (f" {s['note']}" if s.get("note") else ""),
+                  "", "| what | time | baseline | ratio | target / notes |", "|---|---|---|---|---|"]
+        lines += [fmt(r) for r in s["rows"]] + [""]
+    return "\n".join(lines) + "\n![scaling](scaling.png)\n"
 
 
 if __name__ == "__main__":

@@ -378,14 +378,18 @@ def server_cpu_per_upload(files: list[Path], workdir: Path, args: list[str] | No
         stop(proc)
 
 
+def _needs_browser_and_model() -> None:
+    if not (HAVE_BROWSER and DEFAULT_CKPT.is_file()):
+        raise FileNotFoundError("needs Debian's chromium, chromium-driver and checkpoints/sa_cnn.safetensors")
+
+
 def bench_server_cpu(uploads: int = 8, rounds: int = 2) -> list[dict[str, Any]]:
     """``make bench``: the server's CPU per upload with the repository's config (no garbage
     collection after every rerun) against Streamlit's default (``--runner.postScriptGC true``),
     in alternating rounds; min over rounds."""
     import tempfile
 
-    if not (HAVE_BROWSER and DEFAULT_CKPT.is_file()):
-        raise FileNotFoundError("needs Debian's chromium, chromium-driver and checkpoints/sa_cnn.safetensors")
+    _needs_browser_and_model()
     runs: dict[str, list[tuple[float, float]]] = {"ours": [], "gc": []}
     with tempfile.TemporaryDirectory() as tmp:
         files = photos(uploads + 1, Path(tmp) / "photos")
@@ -405,8 +409,7 @@ def bench_tabs(counts: tuple[int, ...] = (1, 8, 16, 32)) -> list[dict[str, Any]]
     alone, all in one run (rows in ``benchmarks/run.py``'s format). Target: 16 tabs p95 <= 3× one tab."""
     import tempfile
 
-    if not (HAVE_BROWSER and DEFAULT_CKPT.is_file()):
-        raise FileNotFoundError("needs Debian's chromium, chromium-driver and checkpoints/sa_cnn.safetensors")
+    _needs_browser_and_model()
     with tempfile.TemporaryDirectory() as tmp:
         rows = sweep(list(counts), Path(tmp))
     alone = next(r for r in rows if r["tabs"] == 1)["p50"]
