@@ -44,6 +44,9 @@ DEFAULTS: dict[str, Any] = {
     "head": MEAN_OF_HEADS,
     "target": -1,  # Compare: class index explained (-1: the predicted class)
     "cam_layer": None,
+    "break_scale": 1.0,  # Learn's "break it" step
+    "break_sqrt_d": False,
+    "break_positions": False,
 }
 
 
@@ -88,11 +91,13 @@ def first_draw(wkey: str) -> bool:
 
 
 def persistent(widget: Callable[..., Any], label: str, key: str, *args: Any,
-               options: list | None = None, **kwargs: Any) -> Any:
+               options: list | None = None, value_arg: str = "value", **kwargs: Any) -> Any:
     """Draw ``widget`` editing ``st.session_state[key]``, which survives page switches.
 
     The widget uses the shadow key ``_w_<key>``; for choice widgets (``options`` given) a
-    stored value no longer among the options falls back to the first option. The first time
+    stored value no longer among the options falls back to the first option. ``value_arg``
+    names the widget's argument for its initial value (``"default"`` for a multiselect,
+    whose options then go in ``args``). The first time
     a session draws the widget, the stored value is only its default, so what the browser
     sends wins: a tab whose replica died reconnects to another one in a new session, and its
     next rerun carries the values its widgets show (image source, layer, head, opacity...).
@@ -109,7 +114,7 @@ def persistent(widget: Callable[..., Any], label: str, key: str, *args: Any,
         st.session_state[key] = st.session_state[wkey]
 
     if first_draw(wkey):
-        default = {"index": options.index(value) if options else None} if options is not None else {"value": value}
+        default = {"index": options.index(value) if options else None} if options is not None else {value_arg: value}
         st.session_state[key] = out = widget(label, *args, key=wkey, on_change=copy, **default, **kwargs)
         return out
     st.session_state[wkey] = value

@@ -52,23 +52,26 @@ def break_it(handle, choice, analysis, les, layer: str) -> None:
         "unbroken model's.")
     c1, c2, c3 = st.columns(3, gap="large")
     with c1:
-        scale = st.select_slider("Multiply the scores by", SCALES, value=1.0, format_func=lambda v: f"×{v:g}",
-                                 key="break_scale", help="The scores go to the softmax multiplied by this factor: "
-                                 "larger makes the weights sharper (the softmax temperature is 1 / factor), "
-                                 "smaller makes them flatter.")
-        sqrt_d = not st.checkbox("Do not divide by √d_k", key="break_sqrt_d",
-                                 help="Dot-product layers only; a cosine layer keeps its learned temperature.")
+        scale = state.persistent(st.select_slider, "Multiply the scores by", "break_scale", SCALES,
+                                 format_func=lambda v: f"×{v:g}", help="The scores go to the softmax multiplied by "
+                                 "this factor: larger makes the weights sharper (the softmax temperature is "
+                                 "1 / factor), smaller makes them flatter.")
+        sqrt_d = not state.persistent(st.checkbox, "Do not divide by √d_k", "break_sqrt_d",
+                                      help="Dot-product layers only; a cosine layer keeps its learned temperature.")
         if not sqrt_d and all(site.similarity == "cosine" for site in analysis.trace.attention.values()):
             st.caption("Every attention layer of this model compares by cosine similarity, with a learned "
                        "temperature: there is no √d_k to leave out.")
     found = position_encodings(handle.model)
     with c2:
-        positions = not st.toggle("Position encoding off", key="break_positions")
+        positions = not state.persistent(st.toggle, "Position encoding off", "break_positions")
         st.caption(positions_text(found, handle.meta.get("model", "This model")))
     options = [(name, h) for name, site in analysis.trace.attention.items() for h in range(site.heads)]
     with c3:
-        off = st.multiselect("Remove heads", options, format_func=lambda o: f"{o[0]} · head {o[1]}",
-                             key=f"break_heads_{handle.key}", help="Their output (weights @ V) becomes zero.")
+        hkey = f"break_heads_{handle.key}"  # one choice per model: its heads are its own
+        st.session_state[hkey] = [o for o in st.session_state.get(hkey, []) if o in options]
+        off = state.persistent(st.multiselect, "Remove heads", hkey, options, value_arg="default",
+                               format_func=lambda o: f"{o[0]} · head {o[1]}",
+                               help="Their output (weights @ V) becomes zero.")
     heads = views.head_spec(off)
     what = breaks_line(scale, sqrt_d, positions, heads)
     if not what:

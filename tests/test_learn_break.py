@@ -75,17 +75,17 @@ def test_break_it_shows_the_library_s_broken_prediction():
     at = open_learn(app("learn"), name, data)
     assert any("Nothing is broken yet" in c.value for c in at.caption)
     assert not any(t.startswith("top-5") for t in figures(at))  # no extra forward until something is broken
-    at.select_slider(key="break_scale").set_value(10.0)
-    at.checkbox(key="break_sqrt_d").check()
+    at.select_slider(key="_w_break_scale").set_value(10.0)
+    at.checkbox(key="_w_break_sqrt_d").check()
     at.run()
     assert not at.exception and not at.error, (problems(at), errors(at))
     shown_vs_library(at, data, "scores ×10, not divided by √d_k", scale=10.0, sqrt_d=False)
     handle = at.session_state["model_handle"]
     layer = at.session_state["layer"]
-    at.select_slider(key="break_scale").set_value(1.0)
-    at.checkbox(key="break_sqrt_d").uncheck()
-    at.toggle(key="break_positions").set_value(True)
-    at.multiselect(key=f"break_heads_{handle.key}").set_value([(layer, 1), (layer, 3)])
+    at.select_slider(key="_w_break_scale").set_value(1.0)
+    at.checkbox(key="_w_break_sqrt_d").uncheck()
+    at.toggle(key="_w_break_positions").set_value(True)
+    at.multiselect(key=f"_w_break_heads_{handle.key}").set_value([(layer, 1), (layer, 3)])
     at.run()
     assert not at.exception and not at.error, (problems(at), errors(at))
     shown_vs_library(at, data, "positions off · 2 heads removed", positions=False, heads={layer: [1, 3]})
@@ -117,14 +117,40 @@ def test_positions_off_on_a_model_without_them_is_one_line():
     open_learn(at, "photo.jpg", data)
     assert at.session_state["model_handle"].meta["config"]["pos_encoding"] == "none"
     assert any("has no position encoding" in c.value for c in at.caption)
-    at.toggle(key="break_positions").set_value(True).run()
+    at.toggle(key="_w_break_positions").set_value(True).run()
     assert not at.exception, problems(at)
     assert len(at.error) == 1 and "\n" not in at.error[0].value, errors(at)
     assert "no position table or sinusoidal code to switch off" in at.error[0].value
-    at.toggle(key="break_positions").set_value(False)
-    at.checkbox(key="break_sqrt_d").check().run()
+    at.toggle(key="_w_break_positions").set_value(False)
+    at.checkbox(key="_w_break_sqrt_d").check().run()
     assert any("there is no √d_k to leave out" in c.value for c in at.caption)
-    at.checkbox(key="break_sqrt_d").uncheck()
-    at.select_slider(key="break_scale").set_value(5.0).run()  # the page lives on: the next break works
+    at.checkbox(key="_w_break_sqrt_d").uncheck()
+    at.select_slider(key="_w_break_scale").set_value(5.0).run()  # the page lives on: the next break works
     assert not at.exception and not at.error, (problems(at), errors(at))
     shown_vs_library(at, data, "scores ×5", scale=5.0)
+
+
+def go_to(at, title: str):
+    """Open the page called ``title`` in the navigation, as its sidebar link does (AppTest's
+    own ``switch_page`` takes file pages only; the dashboard's pages are callables)."""
+    at._page_hash = next(h for h, info in at._registered_pages.items() if info.get("page_name") == title)
+    return at.run()
+
+
+@needs_checkpoint
+def test_what_was_broken_stays_broken_after_a_visit_to_another_page():
+    name, data = sample_photo()
+    at = open_learn(app("learn"), name, data)
+    handle, layer = at.session_state["model_handle"], at.session_state["layer"]
+    at.select_slider(key="_w_break_scale").set_value(5.0)
+    at.toggle(key="_w_break_positions").set_value(True)
+    at.multiselect(key=f"_w_break_heads_{handle.key}").set_value([(layer, 2)])
+    at.run()
+    go_to(at, "Explore")
+    assert not at.get("select_slider") and any(m.value.startswith("Predicted **") for m in at.markdown)
+    go_to(at, "Learn")
+    assert not at.exception and not at.error, (problems(at), errors(at))
+    assert at.select_slider(key="_w_break_scale").value == 5.0 and at.toggle(key="_w_break_positions").value
+    assert at.multiselect(key=f"_w_break_heads_{handle.key}").value == [(layer, 2)]
+    shown_vs_library(at, data, "scores ×5 · positions off · 1 head removed", scale=5.0, positions=False,
+                     heads={layer: [2]})

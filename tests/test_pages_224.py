@@ -161,8 +161,8 @@ def test_learn_on_a_224_model(weights, photo):
     assert metrics["Sum of all the weights"] == "1.000000"
     assert any(c.value.startswith("Largest difference from the weights the layer really used") for c in at.caption)
     assert any("learned absolute `pos_embed` (1×197×32)" in c.value for c in at.caption)  # step 6 names the table
-    at.toggle(key="break_positions").set_value(True)
-    at.select_slider(key="break_scale").set_value(0.2)
+    at.toggle(key="_w_break_positions").set_value(True)
+    at.select_slider(key="_w_break_scale").set_value(0.2)
     at.run(timeout=TIMEOUT)
     assert not at.exception and not at.error, (problems(at), errors(at))
     shown_vs_library(at, photo, "scores ×0.2 · positions off", scale=0.2, positions=False)
