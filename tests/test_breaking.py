@@ -204,6 +204,11 @@ def test_heads_removed_in_the_model_s_own_softmax_path_equal_the_fused_path(fuse
     heads = {name: [1] for name in capture(model, x).attention}
     torch.testing.assert_close(logits_of(ablate(other, x, heads)), logits_of(ablate(model, x, heads)),
                                atol=1e-5, rtol=1e-5)
+    # in bfloat16, transformers' eager path softmaxes in float32 and casts: the cast copy is edited
+    half, other_half, xh = copy.deepcopy(model).bfloat16(), copy.deepcopy(other).bfloat16(), x.bfloat16()
+    removed = logits_of(ablate(other_half, xh, heads)).float()
+    torch.testing.assert_close(removed, logits_of(ablate(half, xh, heads)).float(), atol=2e-3, rtol=0)
+    assert (removed - logits_of(other_half(xh)).float()).abs().max() > 0.02
     both = dict(scale=0.5, positions=False, heads=heads)
     torch.testing.assert_close(broken(other, x, **both).logits, broken(model, x, **both).logits, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(broken(other, x, **both).logits, broken(other, x, scale=0.5, positions=False).logits)

@@ -121,6 +121,8 @@ class ForeignAttention(TorchFunctionMode):
         if handler is None:
             if self._pending is not None and func in _MATMUL:
                 return self._weighted_sum(func, args, kwargs or {})
+            if self._pending is not None and func is Tensor.to:
+                return self._cast(func, args, kwargs or {})
             return func(*args, **(kwargs or {}))
         return handler(func, args, kwargs or {})
 
@@ -134,6 +136,15 @@ class ForeignAttention(TorchFunctionMode):
             self._pending = None
             edit = current_edit()
             return edit(owner, out) if edit is not None else out
+        return out
+
+    def _cast(self, func, args, kwargs):
+        """The pending weights cast (transformers' eager path in half precision softmaxes in
+        float32, then ``.to(query.dtype)``): the cast copy is the one whose ``@ V`` is edited."""
+        out = func(*args, **kwargs)
+        owner, ptr, shape = self._pending
+        if isinstance(args[0], Tensor) and args[0].data_ptr() == ptr and isinstance(out, Tensor):
+            self._pending = (owner, out.data_ptr(), out.shape)
         return out
 
     # -- where a call comes from ---------------------------------------------------------
