@@ -60,7 +60,8 @@ def test_runs_outlive_the_server_that_started_them(tmp_path: Path, monkeypatch: 
     pid = int(out.stdout.split()[-1])  # the first server has exited; its run goes on
     try:
         until(lambda: runs.running() == {"restart_me": pid}, what="the run's lock")  # listed from its lock
-        assert (tmp_path / "restart_me.log").read_text().strip() == "training"
+        # its output goes to its log (printed just after the lock is taken: the run may not be there yet)
+        until(lambda: (tmp_path / "restart_me.log").read_text() == "training\n", what="the run's line in its log")
         with pytest.raises(VisattnError, match=r"1 run\(s\) already going \(restart_me\)"):  # limited
             runs.start_training("another", [sys.executable, "-c", "pass"])
         with pytest.raises(VisattnError, match=f"another process \\(pid {pid}\\)"):
