@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,9 @@ from visattn import paths
 ROOT = Path(__file__).resolve().parent.parent
 DATA = paths.data()
 DEFAULT_CKPT = paths.default_checkpoint()
+#: torchrun on this machine: its rendezvous store binds port 0 and the workers share it, so no port is
+#: chosen beforehand (a port found free, closed and bound later can be taken meanwhile by another run).
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1"]
 
 
 def small_config(name: str) -> tuple[dict, int]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from scipy.stats import pearsonr
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TORCHRUN
 from visattn import atlas, create_model
 from visattn.data import Split
 from visattn.errors import VisattnError
@@ -128,22 +128,13 @@ def test_two_torchrun_processes_extract_what_one_does(tmp_path: Path) -> None:
     outs = {}
     for procs in (1, 2):
         out = tmp_path / f"p{procs}.safetensors"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), str(script), str(out)]
+        cmd = [*TORCHRUN, "--nproc_per_node", str(procs), str(script), str(out)]
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         outs[procs] = load_file(out)
     assert outs[1].keys() == outs[2].keys() and len(outs[1]) == 8  # 2 layers × q, k, image, token
     for key in outs[1]:
         assert torch.equal(outs[1][key], outs[2][key]), key
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def small_split(n: int = 12) -> Split:
@@ -295,9 +286,8 @@ def test_cli_under_torchrun_writes_the_single_process_atlas(tiny_files, tmp_path
             "--json"]
     single = subprocess.run([sys.executable, "-m", "visattn", *args, "--cache", str(tmp_path / "one")], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=300)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(_free_port()), "-m", "visattn", *args, "--cache",
-                          str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run([*TORCHRUN, "--nproc_per_node", "2", "-m", "visattn", *args, "--cache", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     a, b = json.loads(single.stdout), json.loads(two.stdout)
     assert b["info"]["processes"] == 2 and a["info"]["processes"] == 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DATA, ROOT, needs_data
+from tests.conftest import DATA, ROOT, TORCHRUN, needs_data
 from visattn.checkpoint import load_checkpoint
 from visattn.errors import TrainingError
 from visattn.train import TrainConfig, train
@@ -97,19 +96,12 @@ def test_unwritable_output_gives_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in text and "error:" in text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_two_gloo_processes(tmp_path: Path) -> None:
     out = tmp_path / "ddp.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "visattn", "train", "--set", "widths=(8,16,16)", "--set", "heads=2",
-           "--data", str(DATA), "--epochs", "1", "--batch-size", "64", "--subset", "512", "--eval-subset", "100",
-           "--out", str(out)]
+    cmd = [*TORCHRUN, "--nproc_per_node", "2", "-m", "visattn", "train", "--set", "widths=(8,16,16)", "--set",
+           "heads=2", "--data", str(DATA), "--epochs", "1", "--batch-size", "64", "--subset", "512", "--eval-subset",
+           "100", "--out", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     _, meta = load_checkpoint(out)
