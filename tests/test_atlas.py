@@ -274,8 +274,8 @@ def test_cli_bad_layer_one_line_no_file(tiny_files, tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "visattn", "atlas", str(ckpt), "--data", str(data), "--n", "4",
                         "--method", "pca", "--layer", "stages.9", "--out", str(out), "--cache", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and r.stderr.strip() == \
-        "error: no attention layer 'stages.9'; this model's: stages.0.1, stages.1.1"
+    assert (r.returncode, r.stderr.strip()) == (2, "error: no attention layer 'stages.9'; this model's: stages.0.1, "
+                                                   "stages.1.1")  # on failure: the status and all of stderr
     assert not out.exists()
 
 
