@@ -27,6 +27,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -125,26 +126,49 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
     raise RuntimeError(f"{url} did not become healthy in {timeout:.0f} s")
 
 
+def served_url(log: Path, proc: subprocess.Popen, timeout: float = 120) -> str:
+    """The URL a starting ``streamlit run`` prints to ``log`` once it listens (RuntimeError if
+    it exits first or says nothing in ``timeout`` s)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = re.search(r"URL: (http://127\.0\.0\.1:\d+)", log.read_text(errors="replace"))
+        if found:
+            return found.group(1)
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode})")
+        time.sleep(0.2)
+    raise RuntimeError(f"the server printed no URL in {timeout:.0f} s")
+
+
 def start_server(env: dict[str, str] | None = None, args: list[str] | None = None) -> tuple[str, subprocess.Popen]:
-    """``streamlit run dashboard.py`` (what ``make run`` starts) on a free port: (url, process)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "dashboard.py", "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-         *(args or [])],
-        cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    """``streamlit run dashboard.py`` (what ``make run`` starts) on a local port: (url, process).
+
+    ``--server.port 0``: the server binds a port the system picks as it binds, so no port is
+    chosen beforehand that another process could take in between (the server prints it; its
+    output goes to a temporary log, removed by :func:`stop`)."""
+    fd, name = tempfile.mkstemp(prefix="visattn-streamlit-", suffix=".log")
+    log = Path(name)
+    with os.fdopen(fd, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "dashboard.py", "--server.headless", "true",
+             "--server.port", "0", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+             *(args or [])],
+            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    proc.log = log  # type: ignore[attr-defined]
     try:
+        url = served_url(log, proc)
         wait_healthy(url, proc)
-    except Exception:
+    except Exception as e:
+        tail = log.read_text(errors="replace")[-2000:]
         stop(proc)
-        raise
+        raise RuntimeError(f"{e}; the server said:\n{tail}") from e
     return url, proc
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """Stop a process started in its own session (its whole group)."""
+    """Stop a process started in its own session (its whole group); remove its log if
+    :func:`start_server` made one."""
     if proc.poll() is None:
         os.killpg(proc.pid, 15)
         try:
@@ -152,6 +176,9 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait(timeout=timeout)
+    log = getattr(proc, "log", None)
+    if log is not None:
+        log.unlink(missing_ok=True)
 
 
 def chrome(profile: Path):

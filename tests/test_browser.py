@@ -11,18 +11,15 @@ import hashlib
 import io
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 from PIL import Image
 
-from tests.conftest import DATA, DEFAULT_CKPT, ROOT
+from benchmarks import tabs
+from tests.conftest import DATA, DEFAULT_CKPT
 
 pytestmark = [
     pytest.mark.browser,
@@ -32,37 +29,14 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def dashboard_server() -> Iterator[str]:
-    """A fresh ``streamlit run dashboard.py`` on a free local port; yields its URL."""
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "dashboard.py", "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("the dashboard did not start: " + proc.stdout.read().decode()[-2000:])
+    """A fresh ``streamlit run dashboard.py`` on a local port (:func:`benchmarks.tabs.start_server`); yields its URL."""
+    url, proc = tabs.start_server(env={"OMP_NUM_THREADS": "1"})
     try:
         yield url
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        tabs.stop(proc)
 
 
 @pytest.fixture(scope="module")
