@@ -26,7 +26,7 @@ from visattn.app import figures, runs, views
 from visattn.app.lesson import lesson
 from visattn.errors import VisattnError
 
-TIMEOUT = 60
+TIMEOUT = 180  # a bound on one AppTest run, not a speed check (the Compare page test: 19 s at load 3 on 2 cores)
 
 needs_checkpoint = pytest.mark.skipif(
     not DEFAULT_CKPT.is_file(),
