@@ -414,8 +414,6 @@ def bench_server_cpu(uploads: int = 8, rounds: int = 2) -> list[dict[str, Any]]:
     """``make bench``: the server's CPU per upload with the repository's config (no garbage
     collection after every rerun) against Streamlit's default (``--runner.postScriptGC true``),
     in alternating rounds; min over rounds."""
-    import tempfile
-
     _needs_browser_and_model()
     runs: dict[str, list[tuple[float, float]]] = {"ours": [], "gc": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -434,8 +432,6 @@ def bench_server_cpu(uploads: int = 8, rounds: int = 2) -> list[dict[str, Any]]:
 def bench_tabs(counts: tuple[int, ...] = (1, 8, 16, 32)) -> list[dict[str, Any]]:
     """``make bench``: p50 and p95 upload-to-settled latency of N tabs at once, against one tab
     alone, all in one run (rows in ``benchmarks/run.py``'s format). Target: 16 tabs p95 <= 3× one tab."""
-    import tempfile
-
     _needs_browser_and_model()
     with tempfile.TemporaryDirectory() as tmp:
         rows = sweep(list(counts), Path(tmp))
@@ -454,8 +450,6 @@ def bench_tabs(counts: tuple[int, ...] = (1, 8, 16, 32)) -> list[dict[str, Any]]
 
 
 if __name__ == "__main__":
-    import tempfile
-
     counts = [int(a) for a in sys.argv[1:]] or [1, 8, 16]
     with tempfile.TemporaryDirectory() as tmp:
         for row in sweep(counts, Path(tmp)):
